@@ -79,7 +79,12 @@ class Adapter:
 
     def validate(self, model: nn.Module) -> None:
         """Check every role resolves on ``model``; raise naming the first that does not."""
-        last = self.n_layers(model) - 1
+        try:
+            last = self.n_layers(model) - 1
+        except KeyError as error:
+            raise UnsupportedModelError(
+                f"adapter {self.model_type!r}: blocks {self.blocks!r} not found in {type(model).__name__}"
+            ) from error
         for role in ("mlp", "mlp_in", "mlp_out", "attn_out", "final_norm", "unembed", "embed"):
             for layer in (0, last):
                 try:
@@ -139,7 +144,7 @@ ADAPTERS: dict[str, Adapter] = {
         mlp_out="gpt_neox.layers.{}.mlp.dense_4h_to_h",
         attn_out="gpt_neox.layers.{}.attention.dense",
         final_norm="gpt_neox.final_layer_norm",
-        unembed="embed_out",
+        unembed="lm_head",  # "embed_out" before transformers 5
         embed="gpt_neox.embed_in",
     ),
     "opt": Adapter(
