@@ -26,7 +26,7 @@ install: $(STAMP)
 demo: $(STAMP)
 	mkdir -p $(DEMO_OUT)
 	$(PY) -m papermill notebooks/01_number_of_edits.ipynb $(DEMO_OUT)/01_number_of_edits.ipynb \
-		-f parameters/01_number_of_edits/demo.yaml -p results_dir $(DEMO_OUT) --cwd notebooks
+		-f parameters/01_number_of_edits/demo.yaml -p results_dir ../$(DEMO_OUT) --cwd notebooks
 	@echo "demo results: $(DEMO_OUT)"
 
 test: $(STAMP)
