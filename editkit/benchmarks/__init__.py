@@ -1,0 +1,38 @@
+"""General-ability benchmarks: declarative task specs over one evaluation engine.
+
+>>> from editkit import load_model
+>>> from editkit.benchmarks import evaluate, aggregate
+>>> items = evaluate(load_model(), ["mmlu_cloze", "gsm8k"], limit=57)  # doctest: +SKIP
+>>> aggregate(items)  # doctest: +SKIP
+
+Modules: :mod:`.engine` (the only code that runs the model), :mod:`.generation`
+(batched greedy decoding), :mod:`.spec` (task dataclasses), :mod:`.tasks`
+(registered tasks and loaders), :mod:`.extract` (answer extraction),
+:mod:`.evaluation` (:func:`evaluate`), :mod:`.metrics` (:func:`aggregate`).
+"""
+
+from __future__ import annotations
+
+from .engine import ContinuationScore, Engine, GenerationRequest, LanguageModel
+from .evaluation import evaluate, select_items
+from .metrics import aggregate
+from .spec import ChoiceTask, Doc, GenerationTask, TaskSpec, UnknownTaskError
+from .tasks import get_task, list_tasks, register_task
+
+__all__ = [
+    "evaluate",
+    "aggregate",
+    "get_task",
+    "list_tasks",
+    "register_task",
+    "select_items",
+    "Engine",
+    "ContinuationScore",
+    "GenerationRequest",
+    "LanguageModel",
+    "UnknownTaskError",
+    "TaskSpec",
+    "ChoiceTask",
+    "GenerationTask",
+    "Doc",
+]

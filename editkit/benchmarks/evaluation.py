@@ -1,0 +1,133 @@
+"""Run tasks on a model and collect one row per item."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import pandas as pd
+
+from .engine import Engine, LanguageModel
+from .spec import Doc, TaskSpec
+from .tasks import get_task
+
+if TYPE_CHECKING:
+    from ..models import LoadedModel
+
+__all__ = ["evaluate", "select_items", "COLUMNS"]
+
+log = logging.getLogger(__name__)
+
+COLUMNS = (
+    "task", "task_version", "item_id", "subject", "prompt", "choices", "target", "prediction", "correct",
+    "output", "unusable", "finite", "num_fewshot",
+)
+"""Columns every row has, in this order; task-specific columns follow."""
+
+
+def select_items(docs: Sequence[Doc], limit: int | None) -> list[Doc]:
+    """A deterministic subset of at most ``limit`` documents, in their original order.
+
+    Without subjects: the first ``limit``. With subjects: round robin over the
+    sorted subjects, each contributing its items in file order, so ``limit=57``
+    on MMLU gives the first item of every subject.
+    """
+    if limit is None or limit >= len(docs):
+        return list(docs)
+    if limit < 0:
+        raise ValueError(f"limit must be non-negative, got {limit}")
+    if all(doc.subject is None for doc in docs):
+        return list(docs[:limit])
+    by_subject: dict[str, list[Doc]] = {}
+    for doc in docs:
+        by_subject.setdefault(doc.subject or "", []).append(doc)
+    queues = [by_subject[subject] for subject in sorted(by_subject)]
+    chosen: set[str] = set()
+    depth = 0
+    while len(chosen) < limit:
+        for queue in queues:
+            if depth < len(queue) and len(chosen) < limit:
+                chosen.add(queue[depth].item_id)
+        depth += 1
+    return [doc for doc in docs if doc.item_id in chosen]
+
+
+def _resolve(task: str | TaskSpec) -> TaskSpec:
+    return task if isinstance(task, TaskSpec) else get_task(task)
+
+
+def _run_task(model: LanguageModel, spec: TaskSpec, limit: int | None, num_fewshot: int | None,
+              source: str) -> list[dict[str, Any]]:
+    docs = select_items(spec.load(spec.eval_split, source), limit)
+    shots_wanted = spec.num_fewshot if num_fewshot is None else num_fewshot
+    pool = spec.load(spec.fewshot_split, source) if shots_wanted and spec.fewshot_split else []
+    if shots_wanted and not spec.fewshot_split:
+        raise ValueError(f"task {spec.name!r} has no few-shot split; use num_fewshot=0")
+    prompts = [spec.prompt(doc, spec.select_shots(doc, pool, shots_wanted) if shots_wanted else ()) for doc in docs]
+    per_doc = [spec.requests(doc, prompt) for doc, prompt in zip(docs, prompts)]
+    flat = [request for requests in per_doc for request in requests]
+    start = time.perf_counter()
+    responses = getattr(model, spec.kind)(flat)
+    if len(responses) != len(flat):
+        raise RuntimeError(f"{spec.kind} returned {len(responses)} responses for {len(flat)} requests")
+    elapsed = time.perf_counter() - start
+    log.info("%s: %d items (%d requests) in %.1f s", spec.name, len(docs), len(flat), elapsed)
+    rows, offset = [], 0
+    for doc, prompt, requests in zip(docs, prompts, per_doc):
+        result = spec.result(doc, responses[offset : offset + len(requests)])
+        offset += len(requests)
+        base = {"task": spec.name, "task_version": spec.version, "item_id": doc.item_id, "subject": doc.subject,
+                "prompt": prompt, "num_fewshot": shots_wanted}
+        rows.append({**base, **result})
+    return rows
+
+
+def evaluate(
+    lm: LoadedModel | LanguageModel,
+    tasks: str | TaskSpec | Sequence[str | TaskSpec],
+    limit: int | None = None,
+    *,
+    batch_size: int = 8,
+    progress: bool = True,
+    num_fewshot: int | None = None,
+    source: str = "packaged",
+) -> pd.DataFrame:
+    """Evaluate a model on benchmark tasks; one row per item.
+
+    Args:
+        lm: a loaded model (run through :class:`~editkit.benchmarks.engine.Engine`)
+            or anything implementing :class:`~editkit.benchmarks.engine.LanguageModel`.
+        tasks: task names (see :func:`~editkit.benchmarks.tasks.list_tasks`) or specs.
+        limit: evaluate a deterministic subset of this many items per task
+            (stratified by subject where items have one; see :func:`select_items`).
+        batch_size: sequences per forward pass (only when ``lm`` is a loaded model).
+        progress: show progress bars (only when ``lm`` is a loaded model).
+        num_fewshot: override every task's number of shots.
+        source: ``"packaged"`` (default, offline) or ``"hub"`` (``datasets.load_dataset``).
+
+    Returns:
+        A frame with the columns of :data:`COLUMNS` (``prompt`` is the exact
+        model input; ``choices`` is a list for choice tasks and None otherwise;
+        ``target`` an index or reference text; ``prediction`` an index or the
+        extracted text; ``output`` the raw generation) plus task-specific ones:
+        ``correct_norm``/``prediction_norm`` (acc_norm), ``correct_flexible``/
+        ``prediction_flexible`` (GSM8K), ``logprobs`` (choice tasks).
+
+    Raises:
+        UnknownTaskError: a task name is not registered.
+    """
+    specs = [_resolve(t) for t in ([tasks] if isinstance(tasks, (str, TaskSpec)) else tasks)]
+    model = lm if isinstance(lm, LanguageModel) else Engine(lm, batch_size=batch_size, progress=progress)
+    rows = [row for spec in specs for row in _run_task(model, spec, limit, num_fewshot, source)]
+    frame = pd.DataFrame(rows)
+    if frame.empty:
+        return pd.DataFrame(columns=list(COLUMNS))
+    extras = [column for column in frame.columns if column not in COLUMNS]
+    frame = frame[list(COLUMNS) + extras]
+    for column in frame.columns:
+        # Keep None (not NaN) for missing text and mixed values, e.g. ``output`` of choice tasks.
+        if not (pd.api.types.is_numeric_dtype(frame[column]) or pd.api.types.is_bool_dtype(frame[column])):
+            frame[column] = frame[column].astype(object).where(frame[column].notna(), None)
+    return frame
