@@ -128,7 +128,13 @@ class Params:
         """A copy with ``overrides`` applied; unknown keys and bad values raise."""
         check_keys(overrides, self.field_names(), where or f"{type(self).__name__} overrides")
         hints = typing.get_type_hints(type(self))
-        coerced = {k: _coerce(v, hints[k], k) for k, v in overrides.items()}
+        coerced = {}
+        for key, value in overrides.items():
+            try:
+                coerced[key] = _coerce(value, hints[key], key)
+            except (TypeError, ValueError) as error:
+                message = str(error) if str(error).startswith("parameter") else f"parameter {key!r}: {error}"
+                raise ValueError(f"{message} (in {where or type(self).__name__})") from None
         return dataclasses.replace(self, **coerced)
 
     def to_dict(self) -> dict[str, Any]:

@@ -1,0 +1,70 @@
+"""Editor registry: names map lazily to classes so ``import editkit`` stays cheap.
+
+``get_editor(name, lm, **overrides)`` builds the editor's hyperparameters from the
+published defaults, then the packaged per-model overrides
+(``editkit/configs/<name>.yaml``: first the model's catalog name or hub id, then its
+``config.model_type``), then an optional YAML file, then keyword overrides.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import os
+from importlib import resources
+from typing import Any
+
+from ..config import load_yaml
+from ..editing import Editor
+
+__all__ = ["get_editor", "list_editors", "editor_class", "resolve_params", "UnknownEditorError"]
+
+_REGISTRY: dict[str, str] = {
+    "rome": "editkit.editors.rome:ROME",
+}
+
+
+class UnknownEditorError(KeyError, ValueError):
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+def list_editors() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def editor_class(name: str) -> type[Editor]:
+    key = name.lower()
+    if key not in _REGISTRY:
+        close = difflib.get_close_matches(key, list(_REGISTRY), n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise UnknownEditorError(f"unknown editor {name!r}{hint} (known: {', '.join(list_editors())})")
+    module, attr = _REGISTRY[key].split(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def model_overrides(name: str, lm: Any) -> dict[str, Any]:
+    """Packaged per-model overrides for editor ``name`` (empty if none)."""
+    path = resources.files("editkit") / "configs" / f"{name.lower()}.yaml"
+    if not path.is_file():
+        return {}
+    table = load_yaml(str(path))
+    by_model = (table.get("models") or {}).get(lm.name)
+    if by_model is not None:
+        return dict(by_model)
+    return dict((table.get("model_types") or {}).get(lm.model_type) or {})
+
+
+def resolve_params(name: str, lm: Any, config_file: str | os.PathLike[str] | None = None, **overrides: Any):
+    """The editor's params: defaults < packaged per-model overrides < ``config_file`` < ``overrides``."""
+    cls = editor_class(name).params_class
+    params = cls().replace(where=f"editkit/configs/{name}.yaml", **model_overrides(name, lm))
+    if config_file is not None:
+        params = params.replace(where=str(config_file), **load_yaml(config_file))
+    return params.replace(**overrides)
+
+
+def get_editor(name: str, lm: Any, config_file: str | os.PathLike[str] | None = None, **overrides: Any) -> Editor:
+    """Build editor ``name`` for the loaded model ``lm`` (see module docstring)."""
+    cls = editor_class(name)
+    return cls(lm, resolve_params(name, lm, config_file, **overrides))

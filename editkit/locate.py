@@ -1,0 +1,178 @@
+"""Shared locate-then-edit math: context templates, subject keys, target values.
+
+Used by ROME now and by MEMIT, PMET and AlphaEdit (which differ in where the
+target value lives and how the update is solved, not in these steps).
+
+Conventions: a *template prefix* is text placed before the edit prompt ("" for
+the bare prompt). Keys are the inputs of the MLP output projection at the
+subject's last token; values are the output of a hooked module at that token.
+"""
+
+from __future__ import annotations
+
+import unicodedata
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .corpus import sample_texts
+from .hooks import capture, forward_hooks
+from .tokens import encode_pair, pad_batch, subject_last_token, target_text
+from .types import EditRequest
+
+__all__ = ["context_templates", "subject_keys", "module_io_at_subject", "optimize_target_value", "TargetValue"]
+
+
+def context_templates(lm: Any, length_params: Sequence[Sequence[int]], seed: int) -> list[str]:
+    """ROME's context prefixes: ``""`` plus short texts sampled from the model.
+
+    For each ``(length, count)`` pair, ``count`` texts of ``length - 1`` new tokens
+    are sampled (ROME's ``max_out_len`` counts the start token) with top-k 5. Braces
+    are blanked and ``". "`` appended, as in the reference. Special tokens are not
+    kept in the text (the reference keeps GPT-2's ``<|endoftext|>``; with chat
+    models that would put chat markers inside every prompt).
+    """
+    prefixes = [""]
+    for index, (length, count) in enumerate(length_params):
+        for text in sample_texts(lm, count, max(length - 1, 1), seed=seed + index):
+            text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode("ascii")
+            prefixes.append(text.replace("{", " ").replace("}", " ").strip() + ". ")
+    return prefixes
+
+
+def _batch(lm: Any, sequences: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    pad = lm.tokenizer.pad_token_id
+    ids, mask = pad_batch(sequences, pad)
+    return (torch.tensor(ids, device=lm.device), torch.tensor(mask, device=lm.device))
+
+
+def _encode(lm: Any, text: str) -> list[int]:
+    return list(lm.tokenizer(text)["input_ids"])
+
+
+def subject_keys(lm: Any, module_path: str, prefixes: Sequence[str], prompt: str, subject: str) -> torch.Tensor:
+    """Inputs of ``module_path`` at the subject's last token, one row per prefix."""
+    texts, positions = zip(*(subject_last_token(lm.tokenizer, p, prompt, subject) for p in prefixes))
+    ids, mask = _batch(lm, [_encode(lm, t) for t in texts])
+    with torch.no_grad(), capture(lm.model, [module_path], outputs=False) as store:
+        lm.model(input_ids=ids, attention_mask=mask)
+    keys = store[module_path][0]
+    return keys[torch.arange(len(positions)), torch.tensor(positions)].detach()
+
+
+def module_io_at_subject(lm: Any, module_path: str, prompt: str, subject: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input, output) of ``module_path`` at the subject's last token of ``prompt``."""
+    text, position = subject_last_token(lm.tokenizer, "", prompt, subject)
+    ids = torch.tensor([_encode(lm, text)], device=lm.device)
+    with torch.no_grad(), capture(lm.model, [module_path]) as store:
+        lm.model(input_ids=ids)
+    key, value = store[module_path]
+    return key[0, position].detach(), value[0, position].detach()
+
+
+@dataclass(frozen=True)
+class TargetValue:
+    """Result of :func:`optimize_target_value`."""
+
+    value: torch.Tensor      # v* = initial value + delta
+    initial: torch.Tensor    # the hooked module's output before the edit
+    losses: tuple[float, ...]
+
+
+def optimize_target_value(
+    lm: Any,
+    request: EditRequest,
+    hook_path: str,
+    prefixes: Sequence[str],
+    *,
+    v_lr: float,
+    v_num_grad_steps: int,
+    v_weight_decay: float,
+    clamp_norm_factor: float,
+    kl_factor: float,
+    early_stop_loss: float = 5e-2,
+    kl_prompts: Sequence[str] = ("{} is a",),
+) -> TargetValue:
+    """Find the output of ``hook_path`` at the subject that makes the model say the target.
+
+    A vector ``delta`` is added to the module's output at the subject's last token
+    of every prompt and optimised with Adam on
+
+        NLL(target | prefix + prompt), averaged over prefixes and target tokens
+        + kl_factor * KL(p_delta || p_0) of the next token after the subject in "{subject} is a"
+        + v_weight_decay * |delta| / |v_0|^2,
+
+    stopping early below ``early_stop_loss``. After every step ``delta`` is clamped
+    to ``clamp_norm_factor * |v_0|``. This follows ROME's ``compute_v`` (and MEMIT's
+    ``compute_z`` when ``hook_path`` is a block's residual output).
+    """
+    tokenizer = lm.tokenizer
+    continuation = target_text(request.target_new)
+    sequences, lookups, targets = [], [], []
+    for prefix in prefixes:
+        context, position = subject_last_token(tokenizer, prefix, request.prompt, request.subject)
+        context_ids, target_ids = encode_pair(tokenizer, context, continuation)
+        sequences.append(context_ids + target_ids[:-1])
+        lookups.append(position)
+        # logits at position len(context)-1+j predict target token j
+        targets.append([(len(context_ids) - 1 + j, t) for j, t in enumerate(target_ids)])
+    n_rewrite = len(sequences)
+    for template in kl_prompts:
+        text, position = subject_last_token(tokenizer, "", template.format(request.subject), request.subject)
+        sequences.append(_encode(lm, text))
+        lookups.append(position)
+    ids, mask = _batch(lm, sequences)
+    rows = torch.arange(len(sequences), device=lm.device)
+    lookup = torch.tensor(lookups, device=lm.device)
+    target_rows = torch.tensor([r for r, ts in enumerate(targets) for _ in ts], device=lm.device)
+    target_pos = torch.tensor([p for ts in targets for p, _ in ts], device=lm.device)
+    target_tok = torch.tensor([t for ts in targets for _, t in ts], device=lm.device)
+    tokens_per_row = torch.tensor([len(ts) for ts in targets], device=lm.device, dtype=torch.float32)
+
+    state: dict[str, torch.Tensor] = {}
+
+    def add_delta(module: torch.nn.Module, args: tuple, output: Any) -> Any:
+        hidden = output[0] if isinstance(output, tuple) else output
+        # index_put (not in-place +=) keeps the graph valid for backward.
+        update = torch.zeros_like(hidden).index_put((rows, lookup), state["delta"].expand(len(rows), -1))
+        hidden = hidden + update
+        return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+    # v_0: the module output at the subject's last token of the bare prompt (row 0).
+    with torch.no_grad(), capture(lm.model, [hook_path], inputs=False) as store:
+        lm.model(input_ids=ids, attention_mask=mask)
+    initial = store[hook_path][1][0, lookups[0]].detach().clone()
+    d_value = initial.shape[-1]
+    delta = torch.zeros(d_value, device=lm.device, dtype=initial.dtype, requires_grad=True)
+    state["delta"] = delta
+    optimizer = torch.optim.Adam([delta], lr=v_lr)
+    max_norm = clamp_norm_factor * initial.norm()
+    kl_init = None
+    losses = []
+    with forward_hooks(lm.model, [(hook_path, add_delta)]):
+        for step in range(v_num_grad_steps):
+            optimizer.zero_grad()
+            logits = lm.model(input_ids=ids, attention_mask=mask).logits.float()
+            log_probs = torch.log_softmax(logits[target_rows, target_pos], dim=-1)
+            token_ll = log_probs.gather(1, target_tok[:, None])[:, 0]
+            per_row = torch.zeros(n_rewrite, device=lm.device).index_add(0, target_rows, token_ll)
+            nll = -(per_row / tokens_per_row).mean()
+            kl_log_probs = torch.log_softmax(logits[rows[n_rewrite:], lookup[n_rewrite:]], dim=-1)
+            if kl_init is None:
+                kl_init = kl_log_probs.detach().clone()
+            kl = kl_factor * F.kl_div(kl_init, kl_log_probs, log_target=True, reduction="batchmean")
+            decay = v_weight_decay * (delta.norm() / initial.norm() ** 2)
+            loss = nll + kl + decay
+            losses.append(loss.item())
+            if losses[-1] < early_stop_loss or step == v_num_grad_steps - 1:
+                break
+            loss.backward()
+            optimizer.step()
+            with torch.no_grad():
+                norm = delta.norm()
+                if norm > max_norm:
+                    delta.mul_(max_norm / norm)
+    return TargetValue(value=(initial + delta).detach(), initial=initial, losses=tuple(losses))
