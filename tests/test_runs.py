@@ -1,0 +1,147 @@
+"""Sequential runs: checkpoints, resume after a kill, collapse recording, provenance."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from editkit import runs
+from editkit.runs import StudyConfig, load_study, run_study
+
+FAST_ROME = {"rome": {"layers": [1], "v_num_grad_steps": 3, "context_template_length_params": [[4, 2]]}}
+
+
+def tiny_config(results_dir, **changes) -> StudyConfig:
+    values = dict(model="tiny", n_edits=3, checkpoints=[0, 1, 2, 3], tasks=["mmlu_cloze", "gsm8k"], limit=2,
+                  task_limits={"gsm8k": 1}, max_new_tokens=4, n_generation_examples=1,
+                  editor_overrides=FAST_ROME, results_dir=str(results_dir))
+    values.update(changes)
+    return StudyConfig.from_dict(values)
+
+
+class Killed(Exception):
+    pass
+
+
+def counting_evaluate(monkeypatch) -> list[int]:
+    calls: list[int] = []
+    original = runs._Run.evaluate
+
+    def wrapped(self, n, latest, reference):
+        calls.append(n)
+        return original(self, n, latest, reference)
+
+    monkeypatch.setattr(runs._Run, "evaluate", wrapped)
+    return calls
+
+
+def comparable(result) -> pd.DataFrame:
+    return result.scores.drop(columns=["run_id"]).reset_index(drop=True)
+
+
+def test_killed_run_resumes_without_recomputing(make_tiny, tmp_path, monkeypatch):
+    lm = make_tiny("llama")
+    calls = counting_evaluate(monkeypatch)
+    reference = run_study(tiny_config(tmp_path / "clean"), progress=False, lm=lm)
+    assert calls == [0, 1, 2, 3]
+
+    calls.clear()
+    config = tiny_config(tmp_path / "killed")
+
+    def kill_after_two(n, run_id):
+        if n == 2:
+            raise Killed
+
+    with pytest.raises(Killed):
+        run_study(config, progress=False, lm=lm, on_checkpoint=kill_after_two)
+    assert calls == [0, 1, 2]
+    # A checkpoint half-written when the process died is ignored and redone.
+    run_dir = next((tmp_path / "killed").iterdir())
+    (run_dir / "checkpoints" / "000003.tmp").mkdir()
+    calls.clear()
+    resumed = run_study(config, progress=False, lm=lm)
+    assert calls == [3], "only the unfinished checkpoint is computed"
+    assert sorted(resumed.checkpoints["n_edits"]) == [0, 1, 2, 3]
+    pd.testing.assert_frame_equal(comparable(resumed), comparable(reference))
+    # The model is handed back unedited.
+    rerun = run_study(config, progress=False, lm=lm)
+    assert calls == [3]
+    pd.testing.assert_frame_equal(comparable(rerun), comparable(reference))
+
+
+def test_extending_n_edits_reuses_the_run(make_tiny, tmp_path, monkeypatch):
+    lm = make_tiny("llama")
+    calls = counting_evaluate(monkeypatch)
+    run_study(tiny_config(tmp_path, n_edits=2, checkpoints=[0, 2]), progress=False, lm=lm)
+    run_study(tiny_config(tmp_path, n_edits=3, checkpoints=[0, 1, 3]), progress=False, lm=lm)
+    assert calls == [0, 2, 1, 3]
+    assert len(list(tmp_path.iterdir())) == 1, "same run folder"
+
+
+def test_results_layout_and_manifest(make_tiny, tmp_path):
+    lm = make_tiny("gpt2")
+    result = run_study(tiny_config(tmp_path, n_edits=1, checkpoints=[0, 1]), progress=False, lm=lm)
+    run_dir = next(tmp_path.iterdir())
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["editor_params_digest"] and manifest["versions"]["torch"]
+    assert any("counterfact-edit.json" in key for key in manifest["data_checksums"])
+    assert (run_dir / "checkpoints" / "000001" / "state.safetensors").exists()
+    assert set(result.scores["n_edits"]) == {0, 1}
+    assert set(result.edit_quality["scope"]) == {"latest", "retention"}
+    assert set(result.edit_quality["convention"]) == {"prob", "token"}
+    assert (result.checkpoints["status"] == "ok").all()
+    assert len(result.generations) == 2  # one probe prompt, before and after
+
+
+def test_nan_edit_is_recorded_as_collapse(make_tiny, tmp_path, monkeypatch):
+    from editkit.editors import rome
+    from editkit.locate import TargetValue
+
+    real = rome.optimize_target_value
+
+    def diverging(*args, **kwargs):  # an optimisation that blew up
+        found = real(*args, **kwargs)
+        return TargetValue(found.value * float("nan"), found.initial, found.losses)
+
+    monkeypatch.setattr(rome, "optimize_target_value", diverging)
+    lm = make_tiny("llama")
+    config = tiny_config(tmp_path, n_edits=2, checkpoints=[0, 1, 2])
+    result = run_study(config, progress=False, lm=lm)
+    status = result.checkpoints.set_index("n_edits")["status"]
+    assert status[0] == "ok" and status[1] == "collapsed" and status[2] == "collapsed"
+    assert "non-finite" in result.checkpoints.set_index("n_edits")["reason"][1]
+    collapsed = result.scores[result.scores["n_edits"] > 0]
+    assert collapsed["value"].isna().all() and (collapsed["status"] == "collapsed").all()
+    assert np.isfinite(result.scores[result.scores["n_edits"] == 0]["value"]).any()
+    for tensor in lm.model.state_dict().values():
+        assert not tensor.isnan().any(), "the model is restored after a collapse"
+
+
+def test_load_study_of_empty_folder(tmp_path):
+    result = load_study(tmp_path)
+    assert result.scores.empty and "value" in result.scores.columns
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"methods": ["romee"]}, "did you mean"),
+        ({"tasks": ["mmlu_clozee"]}, "mmlu_cloze"),
+        ({"checkpoints": [0, 5], "n_edits": 3}, "outside"),
+        ({"n_edits": -1}, ">= 0"),
+        ({"dataset": "wiki"}, "counterfact"),
+        ({"task_limits": {"bbh": 3}}, "not in tasks"),
+        ({"n_editz": 3}, "did you mean 'n_edits'"),
+    ],
+)
+def test_study_config_rejects_bad_values(changes, message):
+    with pytest.raises((ValueError, KeyError), match=message):
+        StudyConfig.from_dict(changes)
+
+
+def test_default_checkpoints():
+    assert StudyConfig(n_edits=120).checkpoint_list() == [0, 1, 5, 10, 20, 50, 100, 120]
+    assert StudyConfig(n_edits=0).checkpoint_list() == [0]
