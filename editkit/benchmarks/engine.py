@@ -282,6 +282,9 @@ class Engine:
             rows = torch.tensor([row for row, _ in chunk], device=self.device)
             tail_ids, tail_mask = self.pad([request.continuation[:-1] for _, request in chunk], side="right")
             tail_positions = state.lengths[rows, None] + torch.arange(tail_ids.shape[1], device=self.device)
+            # Right padding of short tails runs past the last real position; those columns are masked,
+            # but absolute position tables (GPT-2) must still be indexable.
+            tail_positions = tail_positions.clamp(max=self.max_length - 1)
             tail_out = self.forward(tail_ids, torch.cat([state.mask[rows], tail_mask], dim=1), tail_positions,
                                     past_key_values=select_rows(state.cache, rows), use_cache=True)
             logits = tail_out.logits.float()
