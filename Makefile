@@ -30,7 +30,7 @@ demo: $(STAMP)
 	@echo "demo results: $(DEMO_OUT)"
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q tests notebooks --nbval-lax
 
 clean-results:
 	rm -rf results

@@ -31,18 +31,19 @@ def _encode(tokenizer: Any, text: str) -> list[int]:
 def encode_pair(tokenizer: Any, context: str, continuation: str) -> tuple[list[int], list[int]]:
     """Token ids of ``context`` and of ``continuation`` as the model sees them together.
 
-    An empty context is given the BOS (or EOS) token so the first continuation
-    token has something to be predicted from.
+    As lm-eval's ``_encode_pair``: trailing whitespace of the context moves to the
+    continuation, and the continuation's ids are those of ``context + continuation``
+    beyond the length of the context's ids. An empty context becomes the BOS token
+    (EOS if there is none) and the continuation is encoded without special tokens.
     """
-    stripped = context.rstrip()
-    continuation = context[len(stripped):] + continuation
-    whole = _encode(tokenizer, stripped + continuation)
-    context_ids = _encode(tokenizer, stripped)
-    if not stripped or not context_ids:
+    n_spaces = len(context) - len(context.rstrip())
+    if n_spaces:
+        context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
+    if not context:
         start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-        if whole[:1] == [start]:
-            return [start], whole[1:]
-        return [start], whole
+        return [start], list(tokenizer(continuation, add_special_tokens=False)["input_ids"])
+    whole = _encode(tokenizer, context + continuation)
+    context_ids = _encode(tokenizer, context)
     return context_ids, whole[len(context_ids):]
 
 

@@ -54,8 +54,6 @@ def main() -> None:
     frame.to_csv(args.out, index=False)
     summary = frame.drop(columns="case_id").groupby("layer").mean().round(3)
     summary["n"] = frame.groupby("layer").size()
-    logging.getLogger("edit_sweep").warning("\n%s", summary.to_markdown() if hasattr(summary, "to_markdown")
-                                            else summary.to_string())
     print(summary.to_string())  # noqa: T201 (a script's report)
 
 

@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 import torch
 from tqdm.auto import tqdm
 
+from ..tokens import encode_pair
 from .generation import greedy_generate
 from .passes import PrefixMemo, plan_batches, run_contexts, select_rows
 
@@ -185,14 +186,7 @@ class Engine:
         (EOS if the tokenizer has no BOS) and the continuation is then encoded
         without special tokens.
         """
-        n_spaces = len(context) - len(context.rstrip())
-        if n_spaces:
-            context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
-        if not context:
-            return [self.prefix_token_id], list(self.tokenizer(continuation, add_special_tokens=False)["input_ids"])
-        whole = self.encode(context + continuation)
-        context_ids = self.encode(context)
-        return context_ids, whole[len(context_ids) :]
+        return encode_pair(self.tokenizer, context, continuation)
 
     def _encode_request(self, index: int, context: str, continuation: str) -> _Encoded:
         context_ids, continuation_ids = self.encode_pair(context, continuation)
