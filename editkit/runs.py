@@ -234,7 +234,8 @@ class _Run:
         path = self.folder / "reference.json"
         stored = json.loads(path.read_text()) if path.exists() else []
         if len(stored) < len(self.requests):
-            assert self.position == 0 and not self.session.touched, "reference needs the unedited model"
+            if self.position or self.session.touched:
+                raise RuntimeError("locality references must be computed on the unedited model")
             stored = stored + locality_reference(self.engine, self.requests[len(stored):])
             _write_json(path, stored)
         return [[None if r is None else {"greedy": tuple(r["greedy"]), "prefers_answer": r["prefers_answer"]}

@@ -145,3 +145,15 @@ def test_study_config_rejects_bad_values(changes, message):
 def test_default_checkpoints():
     assert StudyConfig(n_edits=120).checkpoint_list() == [0, 1, 5, 10, 20, 50, 100, 120]
     assert StudyConfig(n_edits=0).checkpoint_list() == [0]
+
+
+def test_command_line_runs_a_parameters_file(smollm2, tmp_path, capsys):
+    from editkit.__main__ import main
+
+    assert main(["list"]) == 0
+    assert "rome" in capsys.readouterr().out
+    config = tmp_path / "study.yaml"
+    config.write_text("n_edits: 0\ntasks: [mmlu_cloze]\nlimit: 2\n")
+    assert main(["run", str(config), "--results-dir", str(tmp_path / "out"), "--quiet"]) == 0
+    assert (tmp_path / "out" / "score_curves.png").stat().st_size > 0
+    assert len(load_study(tmp_path / "out").scores) > 0
