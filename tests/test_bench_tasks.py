@@ -6,6 +6,7 @@ import math
 
 import pandas as pd
 import pytest
+import torch
 
 from editkit import load_model
 from editkit.benchmarks import (
@@ -58,6 +59,20 @@ GSM8K_QUESTION = (
 )
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """Run these small models on one thread (restored afterwards).
+
+    On a shared 2-core machine, two OpenMP threads wait on each other at every
+    operation whenever another process holds a core: this file then took 5
+    minutes instead of 15 seconds.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 class ScriptedModel:
     """A fake LanguageModel: prefers the first choice of each item; generation answers come from a script."""
 
@@ -104,6 +119,17 @@ def test_specs_are_versioned_and_have_hub_sources():
         assert spec.version and spec.hub is not None
     assert get_task("mmlu").hub.path == "cais/mmlu"
     assert get_task("gsm8k").with_options(max_new_tokens=64).version == "1.0+max_new_tokens=64"
+
+
+def test_hub_rows_convert_to_the_packaged_schema():
+    mmlu = get_task("mmlu")
+    packaged = mmlu.load("dev")[:6]  # abstract_algebra/0..4, anatomy/0
+    rows = [{"question": d.fields["question"], "subject": d.subject, "choices": list(d.fields["choices"]),
+             "answer": d.fields["answer"]} for d in packaged]
+    assert mmlu.hub.convert(rows[5:] + rows[:5], "dev") == list(packaged)  # grouped by subject, order kept
+    gsm8k = get_task("gsm8k")
+    packaged = gsm8k.load("train")[:3]
+    assert gsm8k.hub.convert([dict(d.fields) for d in packaged], "train") == list(packaged)
 
 
 def test_golden_prompts():
