@@ -23,7 +23,9 @@ _LAZY = {
     "evaluate": "editkit.benchmarks:evaluate",
     "aggregate": "editkit.benchmarks:aggregate",
     "edit_quality": "editkit.edit_metrics:edit_quality",
-    "run_sequential": "editkit.runs:run_sequential",
+    "StudyConfig": "editkit.runs:StudyConfig",
+    "run_study": "editkit.runs:run_study",
+    "load_study": "editkit.runs:load_study",
 }
 
 __all__ = sorted(_LAZY)

@@ -47,3 +47,16 @@ def test_missing_role_is_reported(make_tiny):
     broken = ADAPTERS["gpt2"]
     with pytest.raises(UnsupportedModelError, match="not found"):
         broken.validate(lm.model)
+
+
+def test_public_names_resolve_lazily():
+    import subprocess
+    import sys
+
+    import editkit
+
+    for name in editkit.__all__:
+        assert getattr(editkit, name) is not None, name
+    # `import editkit` alone must not import torch (cheap import, nothing read at import time).
+    code = "import sys, editkit; assert 'torch' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
