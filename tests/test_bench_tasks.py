@@ -59,18 +59,7 @@ GSM8K_QUESTION = (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Run these small models on one thread (restored afterwards).
-
-    On a shared 2-core machine, two OpenMP threads wait on each other at every
-    operation whenever another process holds a core: this file then took 5
-    minutes instead of 15 seconds.
-    """
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class ScriptedModel:

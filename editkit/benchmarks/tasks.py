@@ -14,6 +14,7 @@ not depend on the model).
 from __future__ import annotations
 
 import csv
+import dataclasses
 import difflib
 import functools
 import io
@@ -115,19 +116,14 @@ MMLU = ChoiceTask(
     doc_to_target=_answer_index,
 )
 
-MMLU_CLOZE = ChoiceTask(
+# The same items and shots as MMLU; only the prompt and what is scored differ.
+MMLU_CLOZE = dataclasses.replace(
+    MMLU,
     name="mmlu_cloze",
-    version="1.0",
     summary="MMLU, 5-shot, answer texts scored by log-likelihood; acc and acc_norm (lm-eval mmlu_continuation)",
-    packaged=_mmlu_packaged,
-    hub=_MMLU_HUB,
-    eval_split="test",
-    fewshot_split="dev",
-    num_fewshot=5,
     header=_cloze_header,
     doc_to_text=_cloze_text,
     doc_to_choices=_answer_texts,
-    doc_to_target=_answer_index,
     acc_norm=True,
 )
 
