@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from .corpus import sample_texts
 from .hooks import capture, forward_hooks
-from .tokens import encode_pair, pad_batch, subject_last_token, target_text
+from .tokens import encode, encode_pair, pad_batch, subject_last_token, target_text
 from .types import EditRequest
 
 __all__ = ["context_templates", "subject_keys", "module_io_at_subject", "optimize_target_value", "TargetValue"]
@@ -49,14 +49,10 @@ def _batch(lm: Any, sequences: list[list[int]]) -> tuple[torch.Tensor, torch.Ten
     return (torch.tensor(ids, device=lm.device), torch.tensor(mask, device=lm.device))
 
 
-def _encode(lm: Any, text: str) -> list[int]:
-    return list(lm.tokenizer(text)["input_ids"])
-
-
 def subject_keys(lm: Any, module_path: str, prefixes: Sequence[str], prompt: str, subject: str) -> torch.Tensor:
     """Inputs of ``module_path`` at the subject's last token, one row per prefix."""
     texts, positions = zip(*(subject_last_token(lm.tokenizer, p, prompt, subject) for p in prefixes))
-    ids, mask = _batch(lm, [_encode(lm, t) for t in texts])
+    ids, mask = _batch(lm, [encode(lm.tokenizer, t) for t in texts])
     with torch.no_grad(), capture(lm.model, [module_path], outputs=False) as store:
         lm.model(input_ids=ids, attention_mask=mask)
     keys = store[module_path][0]
@@ -66,7 +62,7 @@ def subject_keys(lm: Any, module_path: str, prefixes: Sequence[str], prompt: str
 def module_io_at_subject(lm: Any, module_path: str, prompt: str, subject: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(input, output) of ``module_path`` at the subject's last token of ``prompt``."""
     text, position = subject_last_token(lm.tokenizer, "", prompt, subject)
-    ids = torch.tensor([_encode(lm, text)], device=lm.device)
+    ids = torch.tensor([encode(lm.tokenizer, text)], device=lm.device)
     with torch.no_grad(), capture(lm.model, [module_path]) as store:
         lm.model(input_ids=ids)
     key, value = store[module_path]
@@ -122,7 +118,7 @@ def optimize_target_value(
     n_rewrite = len(sequences)
     for template in kl_prompts:
         text, position = subject_last_token(tokenizer, "", template.format(request.subject), request.subject)
-        sequences.append(_encode(lm, text))
+        sequences.append(encode(lm.tokenizer, text))
         lookups.append(position)
     ids, mask = _batch(lm, sequences)
     rows = torch.arange(len(sequences), device=lm.device)

@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["encode_pair", "target_text", "token_index_at_char", "subject_last_token"]
+__all__ = ["encode", "encode_pair", "target_text", "token_index_at_char", "subject_last_token"]
 
 
 def target_text(target: str) -> str:
@@ -24,7 +24,8 @@ def target_text(target: str) -> str:
     return target if target.startswith(" ") else " " + target
 
 
-def _encode(tokenizer: Any, text: str) -> list[int]:
+def encode(tokenizer: Any, text: str) -> list[int]:
+    """Token ids of ``text`` with the tokenizer's default special tokens."""
     return list(tokenizer(text, add_special_tokens=True)["input_ids"])
 
 
@@ -42,8 +43,8 @@ def encode_pair(tokenizer: Any, context: str, continuation: str) -> tuple[list[i
     if not context:
         start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
         return [start], list(tokenizer(continuation, add_special_tokens=False)["input_ids"])
-    whole = _encode(tokenizer, context + continuation)
-    context_ids = _encode(tokenizer, context)
+    whole = encode(tokenizer, context + continuation)
+    context_ids = encode(tokenizer, context)
     return context_ids, whole[len(context_ids):]
 
 
@@ -56,7 +57,7 @@ def token_index_at_char(tokenizer: Any, text: str, char_index: int) -> int:
                 return index
         raise ValueError(f"no token covers character {char_index} of {text!r}")
     # Slow tokenizers: the last token of the encoded prefix ending at that character.
-    return len(_encode(tokenizer, text[: char_index + 1])) - 1
+    return len(encode(tokenizer, text[: char_index + 1])) - 1
 
 
 def subject_last_token(tokenizer: Any, prefix: str, prompt: str, subject: str) -> tuple[str, int]:
