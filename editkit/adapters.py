@@ -5,7 +5,8 @@ Editors and evaluators speak in *roles* and layer indices; this table maps a
 an architecture means adding one row and one tiny-model test.
 
 Roles:
-    ``blocks``      the list of transformer blocks,
+    ``blocks``      the list of transformer blocks (with a layer index: that block,
+                    whose output is the residual stream after the layer),
     ``mlp``         a block's MLP module (its output is the MLP's contribution),
     ``mlp_in``      the MLP's input projection (up projection),
     ``mlp_out``     the MLP's output projection (what ROME and MEMIT edit);
@@ -55,6 +56,8 @@ class Adapter:
         template = getattr(self, role, None)
         if not isinstance(template, str) or role in ("model_type", "layout"):
             raise KeyError(f"unknown role {role!r}")
+        if role == "blocks" and layer is not None:
+            return f"{template}.{layer}"
         if "{}" in template:
             if layer is None:
                 raise ValueError(f"role {role!r} needs a layer index")

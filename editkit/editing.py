@@ -6,13 +6,19 @@ edit replaced. Weight editors record a parameter's original the first time an ed
 touches it. A :class:`EditSession` applies requests one after another (the normal
 case in this package) and keeps one pristine copy of each parameter ever touched,
 so a 1,000-edit run costs one copy per parameter, not one per edit.
+
+Editors that change more than weights (GRACE's codebook, AlphaEdit's record of
+earlier keys, SERAC's memory) register an undo callback on the handle with
+:meth:`EditHandle.add_undo` and implement :meth:`Editor.reset`, which a session
+calls when it restores the model; their saved-run state goes through
+:meth:`Editor.state_dict` / :meth:`Editor.load_state_dict`.
 """
 
 from __future__ import annotations
 
 import abc
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -38,19 +44,27 @@ class EditHandle:
     Attributes:
         originals: parameter path -> a clone of the tensor before the edit.
         info: per-request diagnostics from the editor (losses, norms).
+        undo: callbacks that take back non-weight changes, run last-first.
     """
 
     model: torch.nn.Module
     originals: dict[str, torch.Tensor] = field(default_factory=dict)
     info: list[dict[str, Any]] = field(default_factory=list)
+    undo: list[Callable[[], None]] = field(default_factory=list)
     restored: bool = False
 
     @property
     def paths(self) -> list[str]:
         return list(self.originals)
 
+    def add_undo(self, callback: Callable[[], None]) -> None:
+        """Register ``callback`` to take back a non-weight change made by this edit."""
+        self.undo.append(callback)
+
     def restore(self) -> None:
-        """Copy the recorded originals back (bit-exact). Idempotent."""
+        """Undo non-weight changes, then copy the recorded originals back (bit-exact). Idempotent."""
+        while self.undo:
+            self.undo.pop()()
         with torch.no_grad():
             for path, original in self.originals.items():
                 get_parameter(self.model, path).copy_(original)
@@ -112,6 +126,13 @@ class Editor(abc.ABC):
         """Editor state beyond the model's weights (e.g. caches a resumed run must reuse)."""
         return {}
 
+    def reset(self) -> None:
+        """Forget every non-weight change made by edits (codebooks, memories, key records).
+
+        Called by :meth:`EditSession.restore`; state that does not depend on the
+        edits (sampled context prefixes, covariance statistics) is kept.
+        """
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned."""
 
@@ -141,6 +162,7 @@ class EditSession:
         infos = handle.info or [{} for _ in requests]
         self.log.extend(zip(requests, infos))
         handle.originals = {}  # the session's pristine copy is the undo record now
+        handle.undo = []  # and editor.reset() takes back everything else
         return handle
 
     def edited_state(self) -> dict[str, torch.Tensor]:
@@ -159,5 +181,6 @@ class EditSession:
         with torch.no_grad():
             for path, original in self.pristine.items():
                 get_parameter(self.editor.lm.model, path).copy_(original)
+        self.editor.reset()
         self.pristine = {}
         self.log = []

@@ -10,6 +10,7 @@ subject's last token; values are the output of a hooked module at that token.
 
 from __future__ import annotations
 
+import inspect
 import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -23,7 +24,10 @@ from .hooks import capture, forward_hooks
 from .tokens import encode, encode_pair, pad_batch, subject_last_token, target_text
 from .types import EditRequest
 
-__all__ = ["context_templates", "subject_keys", "module_io_at_subject", "optimize_target_value", "TargetValue"]
+__all__ = [
+    "context_templates", "subject_keys", "module_io_at_subject", "optimize_target_value", "optimize_target_values",
+    "TargetValue",
+]
 
 
 def context_templates(lm: Any, length_params: Sequence[Sequence[int]], seed: int) -> list[str]:
@@ -71,17 +75,23 @@ def module_io_at_subject(lm: Any, module_path: str, prompt: str, subject: str) -
 
 @dataclass(frozen=True)
 class TargetValue:
-    """Result of :func:`optimize_target_value`."""
+    """Result of :func:`optimize_target_value` for one hooked module."""
 
     value: torch.Tensor      # v* = initial value + delta
     initial: torch.Tensor    # the hooked module's output before the edit
     losses: tuple[float, ...]
 
 
-def optimize_target_value(
+def optimize_target_value(lm: Any, request: EditRequest, hook_path: str, prefixes: Sequence[str],
+                          **options: Any) -> TargetValue:
+    """:func:`optimize_target_values` for a single hooked module (ROME's v*, MEMIT's z)."""
+    return optimize_target_values(lm, request, [hook_path], prefixes, **options)[hook_path]
+
+
+def optimize_target_values(
     lm: Any,
     request: EditRequest,
-    hook_path: str,
+    hook_paths: Sequence[str],
     prefixes: Sequence[str],
     *,
     v_lr: float,
@@ -89,21 +99,27 @@ def optimize_target_value(
     v_weight_decay: float,
     clamp_norm_factor: float,
     kl_factor: float,
+    nll_loss_factor: float = 1.0,
+    adaptive_nll: bool = False,
     early_stop_loss: float = 5e-2,
     kl_prompts: Sequence[str] = ("{} is a",),
-) -> TargetValue:
-    """Find the output of ``hook_path`` at the subject that makes the model say the target.
+) -> dict[str, TargetValue]:
+    """Find outputs of the ``hook_paths`` modules at the subject that make the model say the target.
 
-    A vector ``delta`` is added to the module's output at the subject's last token
-    of every prompt and optimised with Adam on
+    One vector ``delta_m`` per module is added to that module's output at the
+    subject's last token of every prompt, and all are optimised together with
+    Adam on
 
-        NLL(target | prefix + prompt), averaged over prefixes and target tokens
+        nll_loss_factor * NLL(target | prefix + prompt), averaged over prefixes and target tokens
         + kl_factor * KL(p_delta || p_0) of the next token after the subject in "{subject} is a"
-        + v_weight_decay * |delta| / |v_0|^2,
+        + v_weight_decay * sum_m |delta_m| / |v0_m|^2,
 
-    stopping early below ``early_stop_loss``. After every step ``delta`` is clamped
-    to ``clamp_norm_factor * |v_0|``. This follows ROME's ``compute_v`` (and MEMIT's
-    ``compute_z`` when ``hook_path`` is a block's residual output).
+    stopping early below ``early_stop_loss``. After every step each ``delta_m`` is
+    clamped to ``clamp_norm_factor * |v0_m|``. With one module this is ROME's
+    ``compute_v`` (MEMIT's ``compute_z`` when the module is a block). PMET hooks the
+    attention and MLP outputs together and sets ``adaptive_nll``: once the target
+    is the argmax at every target position the NLL weight drops to a tenth, and the
+    loop stops when the KL term is also below 0.01 (PMET's ``compute_zs``).
     """
     tokenizer = lm.tokenizer
     continuation = target_text(request.target_new)
@@ -128,47 +144,66 @@ def optimize_target_value(
     target_tok = torch.tensor([t for ts in targets for _, t in ts], device=lm.device)
     tokens_per_row = torch.tensor([len(ts) for ts in targets], device=lm.device, dtype=torch.float32)
 
-    state: dict[str, torch.Tensor] = {}
+    deltas: dict[str, torch.Tensor] = {}
 
-    def add_delta(module: torch.nn.Module, args: tuple, output: Any) -> Any:
-        hidden = output[0] if isinstance(output, tuple) else output
-        # index_put (not in-place +=) keeps the graph valid for backward.
-        update = torch.zeros_like(hidden).index_put((rows, lookup), state["delta"].expand(len(rows), -1))
-        hidden = hidden + update
-        return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+    def add_delta(path: str) -> Any:
+        def hook(module: torch.nn.Module, args: tuple, output: Any) -> Any:
+            hidden = output[0] if isinstance(output, tuple) else output
+            # index_put (not in-place +=) keeps the graph valid for backward.
+            update = torch.zeros_like(hidden).index_put((rows, lookup), deltas[path].expand(len(rows), -1))
+            hidden = hidden + update
+            return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
 
-    # v_0: the module output at the subject's last token of the bare prompt (row 0).
-    with torch.no_grad(), capture(lm.model, [hook_path], inputs=False) as store:
+        return hook
+
+    # v0: each module's output at the subject's last token of the bare prompt (row 0).
+    with torch.no_grad(), capture(lm.model, list(hook_paths), inputs=False) as store:
         lm.model(input_ids=ids, attention_mask=mask)
-    initial = store[hook_path][1][0, lookups[0]].detach().clone()
-    d_value = initial.shape[-1]
-    delta = torch.zeros(d_value, device=lm.device, dtype=initial.dtype, requires_grad=True)
-    state["delta"] = delta
-    optimizer = torch.optim.Adam([delta], lr=v_lr)
-    max_norm = clamp_norm_factor * initial.norm()
+    initial = {path: store[path][1][0, lookups[0]].detach().clone() for path in hook_paths}
+    for path in hook_paths:
+        deltas[path] = torch.zeros_like(initial[path], requires_grad=True)
+    optimizer = torch.optim.Adam(list(deltas.values()), lr=v_lr)
+    max_norms = {path: clamp_norm_factor * initial[path].norm() for path in hook_paths}
+    nll_weight = nll_loss_factor
     kl_init = None
     losses = []
-    with forward_hooks(lm.model, [(hook_path, add_delta)]):
+    # Unembed only the positions the loss reads (the LM head dominates a small model's cost).
+    kl_pos = lookup[n_rewrite:]
+    keep: dict[str, Any] = {}
+    if "logits_to_keep" in inspect.signature(lm.model.forward).parameters:
+        needed = torch.unique(torch.cat([target_pos, kl_pos]))
+        keep = {"logits_to_keep": needed}
+        target_pos, kl_pos = torch.searchsorted(needed, target_pos), torch.searchsorted(needed, kl_pos)
+    with forward_hooks(lm.model, [(path, add_delta(path)) for path in hook_paths]):
         for step in range(v_num_grad_steps):
             optimizer.zero_grad()
-            logits = lm.model(input_ids=ids, attention_mask=mask).logits.float()
+            logits = lm.model(input_ids=ids, attention_mask=mask, **keep).logits.float()
             log_probs = torch.log_softmax(logits[target_rows, target_pos], dim=-1)
             token_ll = log_probs.gather(1, target_tok[:, None])[:, 0]
             per_row = torch.zeros(n_rewrite, device=lm.device).index_add(0, target_rows, token_ll)
             nll = -(per_row / tokens_per_row).mean()
-            kl_log_probs = torch.log_softmax(logits[rows[n_rewrite:], lookup[n_rewrite:]], dim=-1)
+            kl_log_probs = torch.log_softmax(logits[rows[n_rewrite:], kl_pos], dim=-1)
             if kl_init is None:
                 kl_init = kl_log_probs.detach().clone()
             kl = kl_factor * F.kl_div(kl_init, kl_log_probs, log_target=True, reduction="batchmean")
-            decay = v_weight_decay * (delta.norm() / initial.norm() ** 2)
-            loss = nll + kl + decay
+            decay = v_weight_decay * sum(deltas[p].norm() / initial[p].norm() ** 2 for p in hook_paths)
+            loss = nll_weight * nll + kl + decay
             losses.append(loss.item())
             if losses[-1] < early_stop_loss or step == v_num_grad_steps - 1:
                 break
+            if adaptive_nll:
+                if bool((token_ll >= log_probs.max(dim=-1).values).all()):
+                    nll_weight = 0.1 * nll_loss_factor
+                    if kl.item() <= 0.01:
+                        break
+                else:
+                    nll_weight = nll_loss_factor
             loss.backward()
             optimizer.step()
             with torch.no_grad():
-                norm = delta.norm()
-                if norm > max_norm:
-                    delta.mul_(max_norm / norm)
-    return TargetValue(value=(initial + delta).detach(), initial=initial, losses=tuple(losses))
+                for path, delta in deltas.items():
+                    norm = delta.norm()
+                    if norm > max_norms[path]:
+                        delta.mul_(max_norms[path] / norm)
+    return {path: TargetValue(value=(initial[path] + deltas[path]).detach(), initial=initial[path],
+                              losses=tuple(losses)) for path in hook_paths}

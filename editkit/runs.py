@@ -315,9 +315,10 @@ class _Run:
         tmp.mkdir(parents=True)
         for name, frame in frames.items():
             _to_parquet(frame, tmp / f"{name}.parquet")
-        if meta["status"] == "ok" and self.session.touched:
-            save_file({k: v.contiguous().cpu() for k, v in self.session.edited_state().items()},
-                      tmp / "state.safetensors")
+        if meta["status"] == "ok" and n > 0:
+            if self.session.touched:
+                save_file({k: v.contiguous().cpu() for k, v in self.session.edited_state().items()},
+                          tmp / "state.safetensors")
             torch.save(self.editor.state_dict(), tmp / "editor_state.pt")
         _write_json(tmp / "meta.json", meta)
         os.replace(tmp, final)

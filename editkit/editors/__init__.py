@@ -21,6 +21,7 @@ __all__ = ["get_editor", "list_editors", "editor_class", "resolve_params", "Unkn
 
 _REGISTRY: dict[str, str] = {
     "rome": "editkit.editors.rome:ROME",
+    "r-rome": "editkit.editors.rome:RROME",
 }
 
 

@@ -18,11 +18,25 @@ Checked against kmeng01/rome (``rome/compute_u.py``, ``compute_v.py``,
 * The denominator uses the bare-prompt key while ``u`` comes from the prefix mean,
   exactly as the reference code does; r-ROME (Gupta et al., 2024) showed this
   asymmetry makes sequential ROME collapse and fixes it by using one key for both.
-  That variant is a separate editor.
+  That variant is :class:`RROME` (below).
 * Generated context prefixes drop special tokens (the reference keeps GPT-2's
   ``<|endoftext|>``), so chat markers do not leak into prompts of chat models.
 * The reference computes ``C⁻¹`` with ``torch.inverse`` in float32; here the
   system ``C x = k*`` is solved in float64.
+
+r-ROME (Gupta, Sajnani & Anumanchipalli, 2024, "Rebuilding ROME", arXiv 2403.07175)
+keeps every step above but uses the prefix-mean key for the whole update:
+
+    Ŵ   = W + r uᵀ,  r = (v* − W k*) / (k*ᵀ u)
+
+so ``Ŵ k* = v*`` for the same ``k*`` that defines ``u`` (v* is, as in ROME, the bare
+prompt's MLP output plus the optimised delta). Per-model values live in
+``editkit/configs/r-rome.yaml``. Checked against
+scalable-model-editing/rebuilding-rome (``rome/compute_v.py`` with
+``enable_random_prefix_keys``: the key and the layer's output are both averaged over
+the context prefixes) and EasyEdit's ``models/r_rome``. The reference averages the
+layer's outputs over the prefixes; since the layer is affine that mean equals
+``W k* + b``, which is what is computed here (no extra forward pass).
 
 Defaults are the reference's GPT2-XL values except ``mom2_adjustment=False``:
 that is the setting of the study this package reproduces (Li et al., 2024, who
@@ -38,92 +52,60 @@ from typing import Any
 
 import torch
 
-from ..config import Params
-from ..editing import EditHandle, Editor
-from ..locate import context_templates, module_io_at_subject, optimize_target_value, subject_keys
-from ..stats import second_moment
+from ..editing import EditHandle
+from ..locate import module_io_at_subject, optimize_target_value, subject_keys
 from ..types import EditRequest
+from .base import LocateEditor, LocateParams, as_stored
 
-__all__ = ["ROME", "ROMEParams"]
+__all__ = ["ROME", "ROMEParams", "RROME", "RROMEParams"]
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class ROMEParams(Params):
-    """ROME hyperparameters (names as in the reference's hparams files)."""
-
-    layers: tuple[int, ...] = (17,)
-    fact_token: str = "subject_last"
-    v_num_grad_steps: int = 20
-    v_lr: float = 0.5
-    # Accepted for compatibility with published configs: like the reference, the
-    # loss is always computed on the final logits.
-    v_loss_layer: int | None = None
-    v_weight_decay: float = 0.5
-    clamp_norm_factor: float = 4.0
-    kl_factor: float = 0.0625
-    mom2_adjustment: bool = False
-    mom2_dataset: str = "model_samples"
-    mom2_n_samples: int = 100000
-    mom2_dtype: str = "float64"
-    context_template_length_params: tuple[tuple[int, ...], ...] = ((5, 10), (10, 10))
-    seed: int = 0
+class ROMEParams(LocateParams):
+    """ROME hyperparameters (names and GPT2-XL defaults of the reference's hparams files)."""
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if len(self.layers) != 1:
             raise ValueError(f"ROME edits exactly one layer, got layers={self.layers}")
-        if self.fact_token != "subject_last":
-            raise ValueError(f"only fact_token='subject_last' is implemented, got {self.fact_token!r}")
-        if self.v_num_grad_steps < 1 or self.v_lr <= 0 or self.clamp_norm_factor <= 0:
-            raise ValueError("v_num_grad_steps, v_lr and clamp_norm_factor must be positive")
 
 
-class ROME(Editor):
+class ROME(LocateEditor):
     """Rank-one edit of one MLP output projection per request (applied one by one)."""
 
     name = "rome"
     params_class = ROMEParams
 
-    def __init__(self, lm: Any, params: ROMEParams) -> None:
-        super().__init__(lm, params)
-        self.layer = params.layers[0]
-        if not 0 <= self.layer < lm.n_layers:
-            raise ValueError(f"ROME layer {self.layer} is out of range for {lm.name} ({lm.n_layers} layers)")
-        self.weight_path = lm.adapter.weight_path("mlp_out", self.layer)
-        self._prefixes: list[str] | None = None
-        self._inverse_key_transform: torch.Tensor | None = None  # C (float64), loaded lazily
-
-    # -- cached state ---------------------------------------------------------
     @property
-    def prefixes(self) -> list[str]:
-        """Context prefixes, sampled once per editor with the editor's seed."""
-        if self._prefixes is None:
-            self._prefixes = context_templates(self.lm, self.params.context_template_length_params, self.params.seed)
-        return self._prefixes
+    def layer(self) -> int:
+        return self.params.layers[0]
+
+    @property
+    def weight_path(self) -> str:
+        return self.weight_path_at(self.layer)
 
     def _whiten(self, key: torch.Tensor) -> torch.Tensor:
+        """``C⁻¹ k`` (float64 solve); ``k`` itself when ``mom2_adjustment`` is off."""
         if not self.params.mom2_adjustment:
             return key
-        if self._inverse_key_transform is None:
-            self._inverse_key_transform = second_moment(
-                self.lm, self.lm.adapter.path("mlp_out", self.layer), self.params.mom2_dataset,
-                self.params.mom2_n_samples, self.params.mom2_dtype, seed=self.params.seed,
-            )
-        cov = self._inverse_key_transform.to(key.device)
-        return torch.linalg.solve(cov, key.to(cov.dtype)).to(key.dtype)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"prefixes": list(self.prefixes)}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if "prefixes" in state:
-            self._prefixes = list(state["prefixes"])
+        moment = self.second_moment(self.layer)
+        return torch.linalg.solve(moment, key.to(moment.dtype)).to(key.dtype)
 
     # -- the edit -------------------------------------------------------------
     def _apply(self, requests: list[EditRequest], handle: EditHandle) -> None:
         for request in requests:  # ROME is sequential by construction
             handle.info.append(self._apply_one(request, handle))
+
+    def _update_key(self, request: EditRequest, mean_key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The key ``k`` the update maps to v*, and the layer's current output ``W k (+ b)`` there.
+
+        ROME (as its reference code) uses the bare prompt's key, although ``u``
+        comes from the prefix mean ``mean_key``; :class:`RROME` overrides this.
+        """
+        module_path = self.lm.adapter.path("mlp_out", self.layer)
+        return module_io_at_subject(self.lm, module_path, request.prompt, request.subject)
 
     def _apply_one(self, request: EditRequest, handle: EditHandle) -> dict[str, Any]:
         lm, p = self.lm, self.params
@@ -133,18 +115,33 @@ class ROME(Editor):
         u = self._whiten(mean_key)
         u = u / u.norm()
         # v*: the MLP output at the subject that makes the model produce the target.
-        target = optimize_target_value(
-            lm, request, lm.adapter.path("mlp", self.layer), self.prefixes,
-            v_lr=p.v_lr, v_num_grad_steps=p.v_num_grad_steps, v_weight_decay=p.v_weight_decay,
-            clamp_norm_factor=p.clamp_norm_factor, kl_factor=p.kl_factor,
-        )
-        # Rank-one update so that Ŵ k = v* for the bare prompt's key k.
-        key, current = module_io_at_subject(lm, module_path, request.prompt, request.subject)
+        target = optimize_target_value(lm, request, lm.adapter.path("mlp", self.layer), self.prefixes,
+                                       **p.target_options())
+        # Rank-one update so that Ŵ k = v* for the key k chosen by the variant.
+        key, current = self._update_key(request, mean_key)
         right = (target.value - current) / torch.dot(key, u)
         delta_out_in = torch.outer(right, u)
-        weight = lm.model.get_parameter(self.weight_path)
-        # Conv1D stores in x out: transpose the out x in update into stored orientation.
-        stored = delta_out_in.T if lm.adapter.layout == "conv1d" else delta_out_in
-        self._update_weight(handle, self.weight_path, stored.to(weight.dtype))
+        self._update_weight(handle, self.weight_path, as_stored(lm, delta_out_in))
         return {"case_id": request.case_id, "losses": target.losses, "delta_norm": float(delta_out_in.norm()),
                 "key": key, "value": target.value, "u": u}
+
+
+@dataclass(frozen=True)
+class RROMEParams(ROMEParams):
+    """r-ROME hyperparameters: ROME's, under their own class so digests tell the two apart."""
+
+
+class RROME(ROME):
+    """r-ROME: ROME whose update maps the prefix-mean key k* (the one defining u) to v*."""
+
+    name = "r-rome"
+    params_class = RROMEParams
+
+    def _update_key(self, request: EditRequest, mean_key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        module = self.lm.adapter.module(self.lm.model, "mlp_out", self.layer)
+        with torch.no_grad():
+            weight = self.lm.adapter.as_out_in(module.weight)  # out x in, whatever the storage
+            current = weight @ mean_key.to(weight.dtype)
+            if getattr(module, "bias", None) is not None:
+                current = current + module.bias
+        return mean_key, current.detach()
