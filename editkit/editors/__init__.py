@@ -22,6 +22,9 @@ __all__ = ["get_editor", "list_editors", "editor_class", "resolve_params", "Unkn
 _REGISTRY: dict[str, str] = {
     "rome": "editkit.editors.rome:ROME",
     "r-rome": "editkit.editors.rome:RROME",
+    "memit": "editkit.editors.memit:MEMIT",
+    "pmet": "editkit.editors.pmet:PMET",
+    "alphaedit": "editkit.editors.alphaedit:AlphaEdit",
 }
 
 
