@@ -25,6 +25,9 @@ _REGISTRY: dict[str, str] = {
     "memit": "editkit.editors.memit:MEMIT",
     "pmet": "editkit.editors.pmet:PMET",
     "alphaedit": "editkit.editors.alphaedit:AlphaEdit",
+    "kn": "editkit.editors.kn:KN",
+    "grace": "editkit.editors.grace:GRACE",
+    "ft": "editkit.editors.ft:FT",
 }
 
 
