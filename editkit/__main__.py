@@ -18,6 +18,7 @@ def main(argv: list[str] | None = None) -> int:
     run = commands.add_parser("run", help="run or resume a sequential-editing study from a YAML file")
     run.add_argument("config", help="YAML file of StudyConfig fields")
     run.add_argument("--results-dir", help="override results_dir")
+    run.add_argument("--methods", nargs="+", help="run only these methods (default: the file's list)")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
     commands.add_parser("list", help="registered editors, benchmark tasks and offline models")
     args = parser.parse_args(argv)
@@ -42,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     values = load_yaml(args.config)
     if args.results_dir:
         values["results_dir"] = args.results_dir
+    if args.methods:
+        values["methods"] = args.methods
     config = StudyConfig.from_dict(values, where=args.config)
     result = run_study(config, progress=not args.quiet)
     out = Path(config.results_dir)
