@@ -36,7 +36,7 @@ CHANCE_LEVELS: dict[str, float] = {
 }
 
 # Metrics that are rates of failure rather than scores: no chance level applies.
-NON_SCORE_METRICS = frozenset({"unusable_rate"})
+NON_SCORE_METRICS = frozenset({"unusable_rate", "format_failure_rate", "nonfinite_rate", "constant_answer_share"})
 
 _COLLAPSE_COLOR = "#d62728"
 _PANEL_WIDTH = 220

@@ -1,4 +1,6 @@
-"""Engine contracts: lm-eval tokenisation, exact batching, logits, generation, non-finite logits.
+"""Engine contracts: lm-eval tokenisation, exact batching, logits, generation, non-finite logits;
+batch planning and automatic batch size; result rows (format failures, versions), constant-answer
+share and paired deltas.
 
 Tiny random GPT-2 (absolute positions), Llama and Gemma 3 (sliding-window
 layers) are built from configs and share SmolLM2's tokenizer; the real-model
@@ -11,6 +13,8 @@ import copy
 import logging
 import math
 
+import numpy as np
+import pandas as pd
 import pytest
 import torch
 from transformers import (
@@ -24,8 +28,18 @@ from transformers import (
 
 from editkit import load_model
 from editkit.adapters import get_adapter
-from editkit.benchmarks import ContinuationScore, Engine, GenerationRequest, LanguageModel
-from editkit.benchmarks.passes import sliding_window
+from editkit.benchmarks import (
+    ContinuationScore,
+    Engine,
+    GenerationRequest,
+    LanguageModel,
+    aggregate,
+    constant_answer,
+    evaluate,
+    get_task,
+    paired_deltas,
+)
+from editkit.benchmarks.passes import auto_batch_size, bytes_per_sequence, plan_batches, sliding_window
 from editkit.models import LoadedModel
 
 SHOTS = "Q: What is one plus one?\nA: two\n\nQ: What is two plus two?\nA: four\n\nQ: What is three plus three?\nA: six\n\n"
@@ -255,3 +269,199 @@ def test_smollm2_generation_batched_equals_unbatched(smollm2):
     batched = Engine(smollm2, batch_size=4, progress=False).generate_until(requests)
     assert batched == Engine(smollm2, batch_size=1, progress=False).generate_until(requests)
     assert "Paris" in batched[0]
+
+
+# -- batch planning, automatic batch size, forward counts ------------------------------------------
+
+
+def _count_forwards(engine: Engine) -> list[int]:
+    """Record the number of input tokens of every forward pass the engine makes."""
+    forward, calls = engine.forward, []
+    engine.forward = lambda input_ids, *args, **kwargs: calls.append(input_ids.numel()) or forward(
+        input_ids, *args, **kwargs)
+    return calls
+
+
+def test_batches_are_sorted_by_length():
+    contexts = [[7] * n for n in (3, 9, 1, 12, 5, 4, 8)] + [[1, 2] * 20 + [n] for n in range(3)]
+    plan = plan_batches(contexts, 3)
+    assert sorted(i for batch, _ in plan for i in batch) == list(range(len(contexts)))
+    for batch, shared in plan:
+        lengths = [len(contexts[i]) for i in batch]
+        assert lengths == sorted(lengths, reverse=True)
+        assert shared < min(lengths)
+    alone = [i for batch, shared in plan if shared == 0 for i in batch if i < 7]
+    assert [len(contexts[i]) for i in alone] == sorted((len(c) for c in contexts[:7]), reverse=True)
+    assert [shared for batch, shared in plan if 7 in batch] == [40]  # the three share 40 tokens
+
+
+def test_single_token_choices_take_one_forward(tiny):
+    engine = Engine(tiny, batch_size=8, progress=False)
+    calls = _count_forwards(engine)
+    context = "Question: which letter comes first?\nAnswer:"
+    scores = engine.score([(context, f" {letter}") for letter in "ABCD"])
+    assert len(calls) == 1 and all(s.n_tokens == 1 for s in scores)
+    calls.clear()
+    engine.score([(context, " A"), (context, " the letter A, clearly")])
+    assert len(calls) == 2  # the context once, then the longer continuation on top of its cache
+
+
+def test_auto_batch_size_is_exact_and_bounded(tiny):
+    reference = Engine(tiny, batch_size=1, progress=False).score(REQUESTS)
+    roomy = Engine(tiny, batch_size="auto", memory_cap=2**34, max_batch_size=5, progress=False)
+    _assert_same_scores(roomy.score(REQUESTS), reference)
+    assert roomy.last_batch_size == 5
+    tight = Engine(tiny, batch_size="auto", memory_cap=1, progress=False)
+    _assert_same_scores(tight.score(REQUESTS), reference)
+    assert tight.last_batch_size == 1
+    assert tight.generate_until(GENERATIONS[:3]) == Engine(tiny, batch_size=4, progress=False).generate_until(
+        GENERATIONS[:3])
+    default = Engine(tiny, batch_size="auto", progress=False)  # cap from the machine's available memory
+    default.score(REQUESTS[:2])
+    assert 1 <= default.last_batch_size <= default.max_batch_size
+
+
+def test_memory_estimate_grows_with_length(tiny):
+    config = tiny.model.config
+    sizes = [bytes_per_sequence(config, 4, n, 1) for n in (16, 256, 4096)]
+    assert sizes == sorted(sizes) and sizes[0] > 0
+    per = bytes_per_sequence(config, 4, 256, 1)
+    assert auto_batch_size(config, 4, 256, 1, cap_bytes=10 * per, max_batch_size=64) == 10
+    assert auto_batch_size(config, 4, 256, 1, cap_bytes=per // 2, max_batch_size=64) == 1
+
+
+@pytest.mark.parametrize("bad", [0, -3, 2.5, "big", True])
+def test_bad_batch_size_is_rejected(tiny, bad):
+    with pytest.raises(ValueError, match="batch_size"):
+        Engine(tiny, batch_size=bad)
+
+
+def test_generation_finishes_when_every_row_stopped(tiny):
+    eos = tiny.tokenizer.eos_token_id
+    engine = Engine(tiny, batch_size=8, progress=False)
+    calls = _count_forwards(engine)
+
+    def force_eos(module, inputs, output):
+        output[..., eos] += 1e4
+        return output
+
+    handle = tiny.model.get_output_embeddings().register_forward_hook(force_eos)
+    try:
+        assert engine.generate_until([GenerationRequest("Hello", (), 200), GenerationRequest("Hi there", (), 200)]) \
+            == ["", ""]
+    finally:
+        handle.remove()
+    assert len(calls) == 1  # the contexts only: no decoding step once every row has met EOS
+
+
+def test_generated_special_tokens_are_not_in_the_text(tiny):
+    special = tiny.tokenizer.bos_token_id  # a special token other than EOS
+
+    def force_special(module, inputs, output):
+        output[..., special] += 1e4
+        return output
+
+    handle = tiny.model.get_output_embeddings().register_forward_hook(force_special)
+    try:
+        (text,) = Engine(tiny, progress=False).generate_until([GenerationRequest("Hello", (), 3)])
+    finally:
+        handle.remove()
+    assert text == ""  # decoded as lm-eval does, without special tokens
+
+
+def test_progress_bars(tiny, capsys):
+    engine = Engine(tiny, progress=True)
+    engine.score(REQUESTS[:2])
+    engine.generate_until(GENERATIONS[:1])
+    err = capsys.readouterr().err
+    assert "loglikelihood" in err and "generate" in err
+
+
+# -- result rows and aggregates --------------------------------------------------------------------
+
+
+class _Constant:
+    """A fake LanguageModel that always prefers the second choice and always answers ``text``."""
+
+    name = "constant"
+
+    def __init__(self, text: str = "") -> None:
+        self.text = text
+
+    def loglikelihood(self, requests):
+        out, previous, k = [], None, 0
+        for context, _ in requests:
+            k = k + 1 if context == previous else 0
+            previous = context
+            out.append((0.0 if k == 1 else -1.0 - k, k == 1))
+        return out
+
+    def generate_until(self, requests):
+        return [self.text for _ in requests]
+
+
+def test_rows_have_format_failure_and_version():
+    items = evaluate(_Constant(" so 3 + 4 = 7\n#### 7"), ["mmlu", "gsm8k"], limit=6)
+    assert {"format_failure", "unusable", "task_version"} <= set(items.columns)
+    assert (items["format_failure"] == items["unusable"]).all()
+    assert not items.loc[items["task"] == "mmlu", "format_failure"].any()
+    assert (items["task_version"] == [get_task(t).version for t in items["task"]]).all()
+    broken = evaluate(_Constant("7 " * 60), "gsm8k", limit=3)  # an answer is extractable but degenerate
+    assert broken["format_failure"].all() and broken["prediction_flexible"].notna().all()
+
+
+def test_constant_answer_share():
+    items = evaluate(_Constant("#### 7"), ["mmlu", "gsm8k"], limit=20)
+    metrics = aggregate(items, n_boot=200).set_index(["task", "metric"])
+    for task in ("mmlu", "gsm8k"):
+        row = metrics.loc[(task, "constant_answer_share")]
+        assert row["value"] == 1.0 and row["n"] == 20 and row["ci_low"] == row["ci_high"] == 1.0
+    assert metrics.loc[("gsm8k", "format_failure_rate"), "value"] == 0.0
+    assert not any(m == "constant_answer_share" for t, m in metrics.index if "/" in t)
+    table = constant_answer(items).set_index("task")
+    assert table.loc["mmlu", "prediction"] == "1" and table.loc["gsm8k", "prediction"] == "'7'"
+    mixed = pd.DataFrame({"task": ["t"] * 4, "prediction": [0, 0, 1, -1], "correct": [1, 1, 0, 0]})
+    row = aggregate(mixed, n_boot=300).set_index("metric").loc["constant_answer_share"]
+    assert row["value"] == 0.5 and row["ci_low"] < 0.5 < row["ci_high"]  # -1 (no answer) counts only in n
+
+
+def test_paired_deltas():
+    rng = np.random.default_rng(0)
+    n = 400
+    subjects = np.repeat(["a", "b", "c", "d"], n // 4)
+    base = pd.DataFrame({"task": "t", "task_version": "1", "item_id": [str(i) for i in range(n)],
+                         "subject": subjects, "correct": rng.random(n) < 0.6, "format_failure": False})
+    edited = base.copy()
+    flip = rng.choice(n, 40, replace=False)
+    edited.loc[flip, "correct"] = False
+    edited.loc[flip[:10], "format_failure"] = True
+    deltas = paired_deltas(edited.sample(frac=1, random_state=1), base, n_boot=500).set_index("metric")
+    expected = edited["correct"].mean() - base["correct"].mean()
+    acc = deltas.loc["acc"]
+    assert acc["value"] == pytest.approx(expected) and acc["n"] == n
+    assert acc["edited"] == pytest.approx(edited["correct"].mean()) and acc["base"] == pytest.approx(
+        base["correct"].mean())
+    assert acc["ci_low"] <= acc["value"] <= acc["ci_high"] < 0
+    # The paired interval is narrower than that of one mean alone (let alone of a difference of two).
+    separate = aggregate(base, n_boot=500).set_index(["task", "metric"]).loc[("t", "acc")]
+    assert acc["ci_high"] - acc["ci_low"] < separate["ci_high"] - separate["ci_low"]
+    assert deltas.loc["format_failure_rate", "value"] == pytest.approx(10 / n)
+    macro = deltas.loc["acc_macro"]
+    per_subject = edited.groupby("subject")["correct"].mean() - base.groupby("subject")["correct"].mean()
+    assert macro["value"] == pytest.approx(per_subject.mean())
+    same = paired_deltas(base, base, n_boot=100).set_index("metric").loc["acc"]
+    assert same["value"] == same["ci_low"] == same["ci_high"] == 0.0
+    assert paired_deltas(edited, base, n_boot=100, seed=3).equals(paired_deltas(edited, base, n_boot=100, seed=3))
+    partial = paired_deltas(edited.iloc[:100], base, n_boot=100).set_index("metric")
+    assert partial.loc["acc", "n"] == 100
+    with pytest.raises(ValueError, match="version"):
+        paired_deltas(edited.assign(task_version="2"), base)
+    with pytest.raises(ValueError, match="item_id"):
+        paired_deltas(edited.drop(columns="item_id"), base)
+
+
+def test_evaluate_with_auto_batch_size(tiny):
+    items = evaluate(tiny, "mmlu", limit=3, num_fewshot=1, batch_size="auto", progress=False)
+    fixed = evaluate(tiny, "mmlu", limit=3, num_fewshot=1, batch_size=1, progress=False)
+    assert list(items["prediction"]) == list(fixed["prediction"])
+    assert np.allclose(np.array(list(items["logprobs"])), np.array(list(fixed["logprobs"])), atol=1e-4)

@@ -21,6 +21,14 @@ those few positions only. So the four one-token answers of a lettered
 multiple-choice item cost one pass over its prompt, and the answer texts of a
 cloze item reuse it. Batched scores equal one-at-a-time scores to float
 round-off (checked in the tests on GPT-2, Llama, Gemma 3 and SmolLM2).
+
+Batches are formed from contexts sorted by length (longest first, within each
+set of contexts sharing a few-shot prefix), so a batch too large for memory
+fails at once, and a batch ends before a row that would bring much padding
+(see :func:`.passes.plan_batches`). ``batch_size="auto"`` picks the
+largest batch whose estimated memory fits a cap (see
+:func:`.passes.auto_batch_size`): by default 80% of the free GPU memory, or
+half of the available system memory on CPU.
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ from __future__ import annotations
 import inspect
 import logging
 import math
+import numbers
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
@@ -37,7 +46,7 @@ from tqdm.auto import tqdm
 
 from ..tokens import encode_pair
 from .generation import greedy_generate
-from .passes import PrefixMemo, plan_batches, run_contexts, select_rows
+from .passes import PrefixMemo, auto_batch_size, memory_budget, plan_batches, run_contexts, select_rows
 
 if TYPE_CHECKING:
     from ..models import LoadedModel
@@ -123,16 +132,22 @@ class Engine:
 
     Args:
         lm: the loaded model; it is only read, never changed.
-        batch_size: the most sequences in one forward pass.
+        batch_size: the most sequences in one forward pass, or ``"auto"``: per
+            call, the largest batch whose estimated memory fits ``memory_cap``
+            (at most ``max_batch_size``).
         max_length: the longest input in tokens; longer inputs lose tokens on
             the left. Default: the model's maximum number of positions.
-        progress: show a tqdm progress bar.
+        progress: show tqdm progress bars.
+        memory_cap: bytes that ``"auto"`` may plan for; default
+            :func:`~editkit.benchmarks.passes.memory_budget` of the model's device.
+        max_batch_size: the largest batch ``"auto"`` chooses.
 
     Attributes:
         share_context: score requests that share a context on one pass over it.
         share_prefix: run a token prefix common to a batch of contexts once
             (see :mod:`.passes`).
         min_shared_prefix: the shortest prefix worth sharing, in tokens.
+        last_batch_size: the batch size the latest call used.
 
     The sharing switches exist to measure what they save; results do not
     depend on them beyond float round-off.
@@ -143,15 +158,24 @@ class Engine:
     min_shared_prefix: int = 16
 
     def __init__(
-        self, lm: LoadedModel, batch_size: int = 8, max_length: int | None = None, progress: bool = True
+        self, lm: LoadedModel, batch_size: int | str = 8, max_length: int | None = None, progress: bool = True, *,
+        memory_cap: int | None = None, max_batch_size: int = 64,
     ) -> None:
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        if batch_size != "auto" and (not isinstance(batch_size, numbers.Integral) or isinstance(batch_size, bool)
+                                     or batch_size < 1):
+            raise ValueError(f"batch_size must be a positive integer or 'auto', got {batch_size!r}")
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be positive, got {max_batch_size}")
+        if memory_cap is not None and memory_cap < 1:
+            raise ValueError(f"memory_cap must be a positive number of bytes, got {memory_cap}")
         self.lm = lm
         self.model = lm.model
         self.tokenizer = lm.tokenizer
         self.name = lm.name
         self.batch_size = batch_size
+        self.memory_cap = memory_cap
+        self.max_batch_size = max_batch_size
+        self.last_batch_size: int | None = None
         self.max_length = max_length or _max_positions(self.model.config)
         self.progress = progress
         tokenizer = self.tokenizer
@@ -159,6 +183,23 @@ class Engine:
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.prefix_token_id
         self.eos_token_ids = self._eos_ids()
         self._has_logits_to_keep = "logits_to_keep" in inspect.signature(self.model.forward).parameters
+
+    def resolve_batch_size(self, length: int, logit_positions: int = 1) -> int:
+        """The batch size for sequences of up to ``length`` tokens (``batch_size`` itself unless ``"auto"``).
+
+        Args:
+            length: tokens in the longest sequence, appended tokens included.
+            logit_positions: positions per sequence whose logits are computed.
+        """
+        if self.batch_size != "auto":
+            size = int(self.batch_size)
+        else:
+            cap = self.memory_cap if self.memory_cap is not None else memory_budget(self.device)
+            element_size = next(self.model.parameters()).element_size()
+            size = auto_batch_size(self.model.config, element_size, length, logit_positions, cap,
+                                   self.max_batch_size)
+        self.last_batch_size = size
+        return size
 
     @property
     def device(self) -> torch.device:
@@ -245,20 +286,25 @@ class Engine:
             key = request.context if self.share_context else (request.context, request.index)
             groups.setdefault(key, []).append(request)
         keyed = list(groups.values())
-        plan = plan_batches([group[0].context for group in keyed], self.batch_size)
+        longest = max((len(r.context) + len(r.continuation) for group in keyed for r in group), default=1)
+        widest = max((len(r.continuation) for group in keyed for r in group), default=1)
+        size = self.resolve_batch_size(longest, widest)
+        plan = plan_batches([group[0].context for group in keyed], size)
         memo = PrefixMemo()
         with torch.inference_mode(), tqdm(total=len(encoded), disable=not self.progress, desc="loglikelihood") as bar:
             bar.update(len(encoded) - sum(len(group) for group in keyed))
             for members, shared in plan:
                 batch = [keyed[i] for i in members]
-                for score, request in self._score_batch(batch, shared, memo):
+                for score, request in self._score_batch(batch, shared, memo, size):
                     results[request.index] = score
                 bar.update(sum(len(group) for group in batch))
         return results  # type: ignore[return-value]
 
-    def _score_batch(self, groups: Sequence[list[_Encoded]], shared: int, memo: PrefixMemo
+    def _score_batch(self, groups: Sequence[list[_Encoded]], shared: int, memo: PrefixMemo, size: int
                      ) -> list[tuple[ContinuationScore, _Encoded]]:
+        # Continuations of more than one token run on top of their context's cache, longest first.
         longer = [(row, request) for row, group in enumerate(groups) for request in group if len(request.continuation) > 1]
+        longer.sort(key=lambda pair: -len(pair[1].continuation))
         tail_width = max((len(request.continuation) - 1 for _, request in longer), default=0)
         contexts = [group[0].context for group in groups]
         state = run_contexts(self, contexts, shared, tail_width, memo, use_cache=bool(longer))
@@ -272,7 +318,7 @@ class Engine:
             for request in group:
                 token = request.continuation[0]
                 steps[request.index] = [(first_logprobs[row, token].item(), first_greedy[row], first_finite[row])]
-        for chunk in _chunks(longer, self.batch_size):
+        for chunk in _chunks(longer, size):
             rows = torch.tensor([row for row, _ in chunk], device=self.device)
             tail_ids, tail_mask = self.pad([request.continuation[:-1] for _, request in chunk], side="right")
             tail_positions = state.lengths[rows, None] + torch.arange(tail_ids.shape[1], device=self.device)
@@ -331,8 +377,10 @@ class Engine:
             contexts.append(ids)
         outputs = [""] * len(requests)
         memo = PrefixMemo()
+        longest = max((len(ids) + r.max_new_tokens for ids, r in zip(contexts, requests)), default=1)
+        size = self.resolve_batch_size(longest)
         with torch.inference_mode(), tqdm(total=len(requests), disable=not self.progress, desc="generate") as bar:
-            for batch, shared in plan_batches(contexts, self.batch_size):
+            for batch, shared in plan_batches(contexts, size):
                 texts = greedy_generate(self, [contexts[i] for i in batch], [requests[i] for i in batch], shared, memo)
                 for i, text in zip(batch, texts):
                     if text is None:

@@ -1,28 +1,38 @@
-"""Run tasks on a model and collect one row per item."""
+"""Run tasks on a model and collect one row per item.
+
+Every row carries the exact prompt, the choices or reference, the prediction,
+the raw output of generation tasks, the task's version and a
+``format_failure`` flag: nothing could be extracted from the output, or the
+output is degenerate repetition (always False for likelihood-scored tasks,
+where every item gets an answer). ``unusable`` is the same flag under its
+earlier name.
+"""
 
 from __future__ import annotations
 
 import logging
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
 from .engine import Engine, LanguageModel
+from .extract import is_degenerate
 from .spec import Doc, TaskSpec
 from .tasks import get_task
 
 if TYPE_CHECKING:
     from ..models import LoadedModel
 
-__all__ = ["evaluate", "select_items", "COLUMNS"]
+__all__ = ["evaluate", "select_items", "build_requests", "TaskRequests", "COLUMNS"]
 
 log = logging.getLogger(__name__)
 
 COLUMNS = (
     "task", "task_version", "item_id", "subject", "prompt", "choices", "target", "prediction", "correct",
-    "output", "unusable", "finite", "num_fewshot",
+    "output", "format_failure", "unusable", "finite", "num_fewshot",
 )
 """Columns every row has, in this order; task-specific columns follow."""
 
@@ -58,30 +68,83 @@ def _resolve(task: str | TaskSpec) -> TaskSpec:
     return task if isinstance(task, TaskSpec) else get_task(task)
 
 
-def _run_task(model: LanguageModel, spec: TaskSpec, limit: int | None, num_fewshot: int | None,
-              source: str) -> list[dict[str, Any]]:
+@dataclass(frozen=True)
+class TaskRequests:
+    """What a task asks of a model for a set of items.
+
+    Attributes:
+        spec: the task.
+        docs: the items, in order.
+        prompts: the exact prompt of each item.
+        requests: the requests of each item (``(context, continuation)`` pairs
+            or :class:`~editkit.benchmarks.engine.GenerationRequest`).
+        num_fewshot: the number of shots used.
+    """
+
+    spec: TaskSpec
+    docs: list[Doc]
+    prompts: list[str]
+    requests: list[list[Any]]
+    num_fewshot: int
+
+    @property
+    def flat(self) -> list[Any]:
+        """Every request, item after item (the order a model is asked in)."""
+        return [request for requests in self.requests for request in requests]
+
+    def rows(self, responses: Sequence[Any]) -> list[dict[str, Any]]:
+        """One result row per item from the responses to :attr:`flat`, in that order."""
+        if len(responses) != sum(len(requests) for requests in self.requests):
+            raise RuntimeError(f"{self.spec.kind} returned {len(responses)} responses for "
+                               f"{sum(len(r) for r in self.requests)} requests")
+        rows, offset = [], 0
+        for doc, prompt, requests in zip(self.docs, self.prompts, self.requests):
+            result = self.spec.result(doc, responses[offset : offset + len(requests)])
+            offset += len(requests)
+            base = {"task": self.spec.name, "task_version": self.spec.version, "item_id": doc.item_id,
+                    "subject": doc.subject, "prompt": prompt, "num_fewshot": self.num_fewshot}
+            rows.append({**base, **result, **_format_flags(result)})
+        return rows
+
+
+def _format_flags(result: dict[str, Any]) -> dict[str, bool]:
+    """``format_failure`` (and its alias ``unusable``) for one result row, whichever a task reports."""
+    flag = result.get("format_failure", result.get("unusable"))
+    if flag is None:
+        output = result.get("output")
+        flag = isinstance(output, str) and (result.get("prediction") is None or is_degenerate(output))
+    return {"format_failure": bool(flag), "unusable": bool(flag)}
+
+
+def build_requests(spec: TaskSpec, limit: int | None = None, num_fewshot: int | None = None,
+                   source: str = "packaged") -> TaskRequests:
+    """The items, prompts and model requests of one task (what :func:`evaluate` sends to a model).
+
+    Args:
+        spec: the task.
+        limit: a deterministic subset of this many items (see :func:`select_items`).
+        num_fewshot: override the task's number of shots.
+        source: ``"packaged"`` or ``"hub"``.
+    """
     docs = select_items(spec.load(spec.eval_split, source), limit)
     shots_wanted = spec.num_fewshot if num_fewshot is None else num_fewshot
-    pool = spec.load(spec.fewshot_split, source) if shots_wanted and spec.fewshot_split else []
     if shots_wanted and not spec.fewshot_split:
         raise ValueError(f"task {spec.name!r} has no few-shot split; use num_fewshot=0")
+    pool = spec.load(spec.fewshot_split, source) if shots_wanted else []
     prompts = [spec.prompt(doc, spec.select_shots(doc, pool, shots_wanted) if shots_wanted else ()) for doc in docs]
     per_doc = [spec.requests(doc, prompt) for doc, prompt in zip(docs, prompts)]
-    flat = [request for requests in per_doc for request in requests]
+    return TaskRequests(spec, docs, prompts, per_doc, shots_wanted)
+
+
+def _run_task(model: LanguageModel, spec: TaskSpec, limit: int | None, num_fewshot: int | None,
+              source: str) -> list[dict[str, Any]]:
+    task = build_requests(spec, limit, num_fewshot, source)
+    flat = task.flat
     start = time.perf_counter()
     responses = getattr(model, spec.kind)(flat)
-    if len(responses) != len(flat):
-        raise RuntimeError(f"{spec.kind} returned {len(responses)} responses for {len(flat)} requests")
     elapsed = time.perf_counter() - start
-    log.info("%s: %d items (%d requests) in %.1f s", spec.name, len(docs), len(flat), elapsed)
-    rows, offset = [], 0
-    for doc, prompt, requests in zip(docs, prompts, per_doc):
-        result = spec.result(doc, responses[offset : offset + len(requests)])
-        offset += len(requests)
-        base = {"task": spec.name, "task_version": spec.version, "item_id": doc.item_id, "subject": doc.subject,
-                "prompt": prompt, "num_fewshot": shots_wanted}
-        rows.append({**base, **result})
-    return rows
+    log.info("%s: %d items (%d requests) in %.1f s", spec.name, len(task.docs), len(flat), elapsed)
+    return task.rows(responses)
 
 
 def evaluate(
@@ -89,7 +152,7 @@ def evaluate(
     tasks: str | TaskSpec | Sequence[str | TaskSpec],
     limit: int | None = None,
     *,
-    batch_size: int = 8,
+    batch_size: int | str = 8,
     progress: bool = True,
     num_fewshot: int | None = None,
     source: str = "packaged",
@@ -102,7 +165,8 @@ def evaluate(
         tasks: task names (see :func:`~editkit.benchmarks.tasks.list_tasks`) or specs.
         limit: evaluate a deterministic subset of this many items per task
             (stratified by subject where items have one; see :func:`select_items`).
-        batch_size: sequences per forward pass (only when ``lm`` is a loaded model).
+        batch_size: sequences per forward pass, or ``"auto"`` (only when ``lm``
+            is a loaded model; see :class:`~editkit.benchmarks.engine.Engine`).
         progress: show progress bars (only when ``lm`` is a loaded model).
         num_fewshot: override every task's number of shots.
         source: ``"packaged"`` (default, offline) or ``"hub"`` (``datasets.load_dataset``).
@@ -111,7 +175,9 @@ def evaluate(
         A frame with the columns of :data:`COLUMNS` (``prompt`` is the exact
         model input; ``choices`` is a list for choice tasks and None otherwise;
         ``target`` an index or reference text; ``prediction`` an index or the
-        extracted text; ``output`` the raw generation) plus task-specific ones:
+        extracted text; ``output`` the raw generation; ``format_failure``
+        (alias ``unusable``) nothing extractable or degenerate output;
+        ``task_version`` the spec's version) plus task-specific ones:
         ``correct_norm``/``prediction_norm`` (acc_norm), ``correct_flexible``/
         ``prediction_flexible`` (GSM8K), ``logprobs`` (choice tasks).
 

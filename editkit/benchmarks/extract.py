@@ -7,6 +7,7 @@ be extracted. Normalisers map an answer to the form that is compared.
 from __future__ import annotations
 
 import re
+import string
 from collections.abc import Callable
 
 __all__ = [
@@ -17,6 +18,14 @@ __all__ = [
     "gsm8k_flexible",
     "normalize_number",
     "is_degenerate",
+    "BBH_ANSWER",
+    "bbh_cot_strict",
+    "bbh_cot_flexible",
+    "whole_output",
+    "first_answer",
+    "normalize_exact_match",
+    "normalize_triviaqa",
+    "letter_extractor",
 ]
 
 GSM8K_STRICT = r"#### (\-?[0-9\.\,]+)"
@@ -81,3 +90,80 @@ def is_degenerate(text: str, min_chars: int = 32) -> bool:
             return True
     words = text.split()
     return len(words) >= 20 and len(set(words)) < len(words) / 5
+
+
+# -- BIG-Bench Hard -----------------------------------------------------------------------------
+
+BBH_ANSWER = r"(?<=the answer is )(.*)(?=.)"
+"""lm-eval ``bbh_cot_fewshot`` ``get-answer``: after "the answer is ", up to the line's last character (first match)."""
+
+bbh_cot_strict = regex_extractor(BBH_ANSWER, select=0)
+
+_LAST_ANSWER = re.compile(r"the answer is (.+)", re.IGNORECASE)
+
+
+def bbh_cot_flexible(text: str) -> str | None:
+    """The last "the answer is X" (any case), X up to the end of its line without a final period.
+
+    Catches what the strict pattern misses: a trailing space (``"(B). "``,
+    read as ``"(B)."`` by lm-eval) or no final period (``"... is False"``,
+    read as ``"Fals"``).
+    """
+    matches = _LAST_ANSWER.findall(text)
+    if not matches:
+        return None
+    answer = matches[-1].strip()
+    return answer.removesuffix(".").strip() or None
+
+
+def whole_output(text: str) -> str | None:
+    """The output itself, stripped of surrounding whitespace (None if empty)."""
+    return text.strip() or None
+
+
+# -- TriviaQA -----------------------------------------------------------------------------------
+
+
+def first_answer(text: str) -> str | None:
+    """lm-eval ``triviaqa`` filters ``remove_whitespace`` + ``take_first``: the output without leading whitespace."""
+    return text.lstrip() or None
+
+
+_PUNCTUATION = str.maketrans("", "", string.punctuation)
+
+
+def normalize_exact_match(text: str) -> str:
+    """lm-eval ``exact_match`` with ``ignore_case`` and ``ignore_punctuation``: lower case, ASCII punctuation removed.
+
+    Whitespace is kept as it is, as lm-eval does.
+    """
+    return text.lower().translate(_PUNCTUATION)
+
+
+_TRIVIAQA_PUNCTUATION = str.maketrans({ch: " " for ch in string.punctuation + "\u2018\u2019\u00b4`"})
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+
+
+def normalize_triviaqa(text: str) -> str:
+    """TriviaQA's own answer normalisation (its ``normalized_aliases``).
+
+    Underscores and punctuation (with the quote marks ‘ ’ ´ `) become spaces,
+    text is lower-cased, the articles a/an/the are dropped and whitespace is collapsed.
+    """
+    text = text.replace("_", " ").lower().translate(_TRIVIAQA_PUNCTUATION)
+    return " ".join(_ARTICLES.sub(" ", text).split())
+
+
+# -- lettered answers ---------------------------------------------------------------------------
+
+
+def letter_extractor(pattern: str, select: int = 0) -> Callable[[str], str | None]:
+    """Like :func:`regex_extractor` (case-insensitive), returning the match in upper case."""
+    compiled = re.compile(pattern, re.IGNORECASE)
+
+    def extract(text: str) -> str | None:
+        matches = compiled.findall(text)
+        return matches[select].strip().upper() or None if matches else None
+
+    extract.__name__ = f"letter_extractor({pattern!r}, select={select})"
+    return extract

@@ -1,9 +1,15 @@
 """Batched greedy decoding with per-row stop strings (used by :class:`~editkit.benchmarks.engine.Engine`).
 
 Contexts run as in :mod:`.passes` (left padding or a shared prefix, explicit
-``position_ids``), then decode one token per step with the key/value cache. Each row stops on its own (stop string, EOS, token budget, or
-non-finite logits) and is then dropped from the batch, so the others carry on
-exactly as they would alone: batched output equals unbatched output.
+``position_ids``), then decode one token per step with the key/value cache.
+Each row stops on its own (stop string, EOS, token budget, or non-finite
+logits) and is then dropped from the batch, so the others carry on exactly as
+they would alone (batched output equals unbatched output), and the loop ends
+as soon as every row has stopped.
+
+The text of a row is its generated tokens decoded without special tokens and
+cut before the earliest stop string, as lm-eval's ``HFLM.generate_until``
+returns it.
 """
 
 from __future__ import annotations
@@ -62,7 +68,8 @@ def greedy_generate(
             if token in engine.eos_token_ids or request.max_new_tokens <= 0:
                 continue
             generated[row].append(token)
-            texts[row], stopped = cut_at_stop(tokenizer.decode(generated[row]), request.until)
+            texts[row], stopped = cut_at_stop(tokenizer.decode(generated[row], skip_special_tokens=True),
+                                              request.until)
             if stopped or len(generated[row]) >= request.max_new_tokens:
                 continue
             keep.append(k)

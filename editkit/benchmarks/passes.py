@@ -23,6 +23,7 @@ window or every sequence fits inside it; otherwise left padding is used.
 from __future__ import annotations
 
 import copy
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -32,8 +33,21 @@ import torch
 if TYPE_CHECKING:
     from .engine import Engine
 
-__all__ = ["ContextBatch", "PrefixMemo", "plan_batches", "run_contexts", "select_rows", "sliding_window"]
+__all__ = [
+    "ContextBatch",
+    "PrefixMemo",
+    "auto_batch_size",
+    "bytes_per_sequence",
+    "memory_budget",
+    "plan_batches",
+    "run_contexts",
+    "select_rows",
+    "sliding_window",
+]
 
+log = logging.getLogger(__name__)
+
+_PADDING_SLACK = 64  # padding tokens a batch may always carry, see plan_batches
 _HEAD = 32  # contexts whose first _HEAD tokens agree are batched together, to share their prefix
 
 
@@ -85,7 +99,8 @@ def select_rows(cache: object, rows: torch.Tensor) -> object:
     return picked
 
 
-def plan_batches(contexts: Sequence[Sequence[int]], batch_size: int) -> list[tuple[list[int], int]]:
+def plan_batches(contexts: Sequence[Sequence[int]], batch_size: int, max_padding: float = 0.25
+                 ) -> list[tuple[list[int], int]]:
     """Split context indices into batches that run well, each with the prefix length its set shares.
 
     Contexts that share their first tokens with others (a few-shot prompt) are
@@ -93,7 +108,11 @@ def plan_batches(contexts: Sequence[Sequence[int]], batch_size: int) -> list[tup
     set's longest common prefix (so it is run once for the whole set); the
     other contexts are batched together. Within each set, longer contexts come
     first, so the rows of a batch have similar lengths and memory trouble shows
-    at once.
+    at once. A batch also ends before a row that would make its padding more
+    than ``max_padding`` of its real tokens plus 64 (one-subject-each MMLU
+    prompts range from 300 to 2,500 tokens: padded batches ran slower than one
+    prompt at a time on CPU; short remainders after a shared prefix stay
+    together).
     """
     sets: dict[tuple, list[int]] = {}
     for i, context in enumerate(contexts):
@@ -105,7 +124,17 @@ def plan_batches(contexts: Sequence[Sequence[int]], batch_size: int) -> list[tup
         members = sorted(members, key=lambda i: (-len(contexts[i]), i))
         # Leave every context at least one token after the prefix: its logits score what follows.
         prefix = min(_common_prefix([contexts[i] for i in members]), min(len(contexts[i]) for i in members) - 1)
-        batches += [(members[start : start + batch_size], prefix) for start in range(0, len(members), batch_size)]
+        batch: list[int] = []
+        for i in members:
+            if batch:
+                longest = len(contexts[batch[0]]) - prefix
+                real = sum(len(contexts[j]) - prefix for j in batch) + len(contexts[i]) - prefix
+                padded = (len(batch) + 1) * longest
+                if len(batch) == batch_size or padded > (1 + max_padding) * real + _PADDING_SLACK:
+                    batches.append((batch, prefix))
+                    batch = []
+            batch.append(i)
+        batches.append((batch, prefix))
     return batches
 
 
@@ -166,3 +195,77 @@ def _run_with_prefix(engine: Engine, contexts: Sequence[Sequence[int]], shared: 
     output = engine.forward(ids, mask, positions, keep=keep, past_key_values=cache, use_cache=True)
     logits = output.logits[torch.arange(rows, device=device), where]
     return ContextBatch(logits, output.past_key_values, mask, mask.sum(-1))
+
+
+# -- automatic batch size -------------------------------------------------------------------------
+
+
+def _config_int(config: object, *names: str, default: int) -> int:
+    for name in names:
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return default
+
+
+def bytes_per_sequence(config: object, element_size: int, length: int, logit_positions: int) -> int:
+    """A generous estimate of the memory one sequence of ``length`` tokens needs during a batch.
+
+    The terms, per sequence:
+
+    * key/value cache, counted three times: the shared prefix's cache is copied
+      to every row, the continuation pass copies it again, and appending a
+      column to a cache reallocates it;
+    * activations of one layer at a time (inference keeps no others): the MLP's
+      input, gate and up projections and a few residual-sized buffers;
+    * attention scores, ``heads x length x length``, in case the attention
+      kernel materialises them (eager attention, or SDPA's math path on CPU);
+    * float32 logits at the positions kept, with a log-softmax copy.
+
+    Args:
+        config: the model's HF config (names of GPT-2, Llama and most others are read).
+        element_size: bytes per element of the model's dtype.
+        length: tokens in the longest sequence of the batch, appended tokens included.
+        logit_positions: positions per sequence whose logits are computed.
+    """
+    layers = _config_int(config, "num_hidden_layers", "n_layer", "num_layers", default=32)
+    hidden = _config_int(config, "hidden_size", "n_embd", "d_model", default=4096)
+    heads = _config_int(config, "num_attention_heads", "n_head", default=32)
+    kv_heads = _config_int(config, "num_key_value_heads", default=heads)
+    head_dim = _config_int(config, "head_dim", default=hidden // heads)
+    intermediate = _config_int(config, "intermediate_size", "n_inner", "ffn_dim", default=4 * hidden)
+    vocab = _config_int(config, "vocab_size", default=50_000)
+    cache = 3 * 2 * layers * kv_heads * head_dim * length * element_size
+    activations = length * (3 * intermediate + 4 * hidden) * element_size
+    scores = heads * length * length * max(element_size, 4)
+    logits = 3 * vocab * 4 * max(logit_positions, 1)
+    return cache + activations + scores + logits
+
+
+def memory_budget(device: torch.device, fraction: float | None = None) -> int:
+    """Bytes that evaluation may use on ``device``.
+
+    On CUDA: ``fraction`` (default 0.8) of the free device memory reported by
+    the driver, the loaded model already excluded. Elsewhere (CPU, MPS):
+    ``fraction`` (default 0.5) of the available system memory.
+    """
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free * (0.8 if fraction is None else fraction))
+    import psutil  # a dependency of accelerate
+
+    return int(psutil.virtual_memory().available * (0.5 if fraction is None else fraction))
+
+
+def auto_batch_size(config: object, element_size: int, length: int, logit_positions: int, cap_bytes: int,
+                    max_batch_size: int) -> int:
+    """The largest batch (1 to ``max_batch_size``) whose estimated memory fits in ``cap_bytes``.
+
+    See :func:`bytes_per_sequence` for the estimate; it is deliberately
+    pessimistic, so the batch chosen fits without trying and failing.
+    """
+    per_sequence = bytes_per_sequence(config, element_size, length, logit_positions)
+    size = max(1, min(max_batch_size, cap_bytes // per_sequence))
+    log.info("auto batch size %d: ~%.1f MB per sequence of %d tokens, cap %.0f MB", size, per_sequence / 2**20,
+             length, cap_bytes / 2**20)
+    return int(size)

@@ -3,9 +3,14 @@
 Prompts follow lm-evaluation-harness so any item can be cross-checked against
 it: ``mmlu`` is lm-eval's ``mmlu`` (default template), ``mmlu_cloze`` its
 ``mmlu_continuation`` variant, ``gsm8k`` its ``gsm8k`` task with the first 8
-training problems as shots. The default source is the data packaged with
-editkit (see ``editkit/data/README``); ``source="hub"`` reads the same splits
-with ``datasets.load_dataset`` (``cais/mmlu`` ``all``; ``openai/gsm8k`` ``main``).
+training problems as shots. The other tasks live in their own modules:
+:mod:`.bbh` (``bbh_cot``, ``bbh_direct``), :mod:`.commonsense_qa`
+(``commonsense_qa``, ``commonsense_qa_cloze``, ``commonsense_qa_gen``),
+:mod:`.triviaqa`, :mod:`.truthfulqa` (``truthfulqa_mc1``, ``truthfulqa_mc2``)
+and :mod:`.toxigen`. The default source is the data packaged with editkit
+(see ``editkit/data/README``); ``source="hub"`` reads the same splits with
+``datasets.load_dataset`` from lm-eval's dataset ids (``cais/mmlu`` ``all``;
+``openai/gsm8k`` ``main``; the others in their modules).
 
 Data is read lazily, on the first request, and kept (it is immutable and does
 not depend on the model).
@@ -23,8 +28,13 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ..resources import list_files, read_text
+from .bbh import BBH_COT, BBH_DIRECT
+from .commonsense_qa import COMMONSENSE_QA, COMMONSENSE_QA_CLOZE, COMMONSENSE_QA_GEN
 from .extract import gsm8k_flexible, gsm8k_strict, normalize_number
 from .spec import ChoiceTask, Doc, GenerationTask, HubSource, TaskSpec, UnknownTaskError
+from .toxigen import TOXIGEN
+from .triviaqa import TRIVIAQA
+from .truthfulqa import TRUTHFULQA_MC1, TRUTHFULQA_MC2
 
 __all__ = ["MMLU", "MMLU_CLOZE", "GSM8K", "get_task", "list_tasks", "register_task"]
 
@@ -77,7 +87,7 @@ def _mmlu_header(doc: Doc) -> str:
 
 def _mmlu_text(doc: Doc) -> str:
     question, choices = doc.fields["question"], doc.fields["choices"]
-    options = "".join(f"\n{letter}. {choice}" for letter, choice in zip(LETTERS, choices))
+    options = "".join(f"\n{letter}. {choice}" for letter, choice in zip(LETTERS, choices, strict=True))
     return f"{question.strip()}{options}\nAnswer:"
 
 
@@ -182,7 +192,11 @@ GSM8K = GenerationTask(
 
 # -- registry -----------------------------------------------------------------------------------
 
-_REGISTRY: dict[str, TaskSpec] = {spec.name: spec for spec in (MMLU, MMLU_CLOZE, GSM8K)}
+_REGISTRY: dict[str, TaskSpec] = {
+    spec.name: spec
+    for spec in (MMLU, MMLU_CLOZE, GSM8K, BBH_COT, BBH_DIRECT, COMMONSENSE_QA, COMMONSENSE_QA_CLOZE,
+                 COMMONSENSE_QA_GEN, TRIVIAQA, TRUTHFULQA_MC1, TRUTHFULQA_MC2, TOXIGEN)
+}
 
 
 def list_tasks() -> list[str]:
