@@ -28,8 +28,8 @@ import editkit
 from editkit.datasets import load_counterfact
 from editkit.editing import EditSession
 from editkit.editors import UnknownEditorError
-from editkit.tokens import encode_pair, target_text
 from editkit.types import EditRequest
+from tests.helpers import snapshot, target_logprob
 
 _PREFIXES = {"context_template_length_params": [[5, 2]]}
 _LOCATE = {"v_num_grad_steps": 8, **_PREFIXES}
@@ -77,22 +77,10 @@ def test_every_editor_has_fast_settings():
     assert set(EDITORS) <= set(FAST) and set(EDITORS) <= set(FAST_SMOLLM2), "add the new editor to FAST"
 
 
-def target_logprob(lm, prompt: str, target: str) -> float:
-    context, continuation = encode_pair(lm.tokenizer, prompt, target_text(target))
-    ids = torch.tensor([context + continuation], device=lm.device)
-    with torch.no_grad():
-        logp = lm.model(ids).logits.log_softmax(-1)[0]
-    return sum(float(logp[len(context) - 1 + j, t]) for j, t in enumerate(continuation))
-
-
 def probe_logits(lm) -> torch.Tensor:
     ids = torch.tensor([lm.tokenizer(PROBE)["input_ids"]], device=lm.device)
     with torch.no_grad():
         return lm.model(ids).logits
-
-
-def snapshot(lm) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in lm.model.state_dict().items()}
 
 
 def assert_pristine(lm, weights: dict[str, torch.Tensor], logits: torch.Tensor) -> None:

@@ -13,8 +13,9 @@ from editkit.datasets import load_counterfact
 from editkit.editing import EditSession
 from editkit.editors.grace import GRACEParams
 from editkit.hooks import get_module
-from editkit.tokens import encode, encode_pair, target_text
+from editkit.tokens import encode
 from editkit.types import EditRequest
+from tests.helpers import target_logprob
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -27,15 +28,6 @@ FAST = dict(n_iter=25)
 REQUEST = EditRequest("The Eiffel Tower is located in the city of", "The Eiffel Tower", "Rome", "Paris", case_id="t")
 OTHER = EditRequest("Danielle Darrieux speaks the language", "Danielle Darrieux", "English", "French", case_id="o")
 FAR = ["The capital of Japan is", "My favourite food is"]
-
-
-def target_logprob(lm, prompt: str, target: str) -> float:
-    """Teacher-forced log P(target | prompt) in one pass over prompt + target."""
-    context, continuation = encode_pair(lm.tokenizer, prompt, target_text(target))
-    ids = torch.tensor([context + continuation], device=lm.device)
-    with torch.no_grad():
-        logp = lm.model(ids).logits.log_softmax(-1)[0]
-    return sum(float(logp[len(context) - 1 + j, t]) for j, t in enumerate(continuation))
 
 
 def logits(lm, prompt: str) -> torch.Tensor:

@@ -11,8 +11,9 @@ import editkit
 from editkit.datasets import load_counterfact
 from editkit.editors import resolve_params
 from editkit.editors.kn import Attribution, KnowledgeNeuronsParams, integrated_gradients, select_neurons
-from editkit.tokens import encode, encode_pair, target_text
+from editkit.tokens import encode, encode_pair
 from editkit.types import EditRequest
+from tests.helpers import target_logprob
 
 # Fast settings for the contract tests. On random models with untied embeddings or gated
 # MLPs the reference recipe moves the target either way, and on SmolLM2 its subtraction of
@@ -23,14 +24,6 @@ REQUEST = EditRequest("The Eiffel Tower is located in the city of", "The Eiffel 
                       rephrase_prompts=("Where is the Eiffel Tower? It is in",), case_id="t")
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-def target_logprob(lm, prompt: str, target: str) -> float:
-    context, continuation = encode_pair(lm.tokenizer, prompt, target_text(target))
-    ids = torch.tensor([context + continuation], device=lm.device)
-    with torch.no_grad():
-        logp = lm.model(ids).logits.log_softmax(-1)[0]
-    return sum(float(logp[len(context) - 1 + j, t]) for j, t in enumerate(continuation))
 
 
 def snapshot(lm) -> dict[str, torch.Tensor]:

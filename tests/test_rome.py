@@ -8,23 +8,11 @@ import torch
 import editkit
 from editkit.datasets import load_counterfact
 from editkit.editors.rome import ROMEParams
-from editkit.tokens import encode_pair, target_text
 from editkit.types import EditRequest
+from tests.helpers import snapshot, target_logprob
 
 FAST = dict(v_num_grad_steps=5, context_template_length_params=[[5, 2]])
 REQUEST = EditRequest("The Eiffel Tower is located in the city of", "The Eiffel Tower", "Rome", "Paris", case_id="t")
-
-
-def target_logprob(lm, prompt: str, target: str) -> float:
-    context, continuation = encode_pair(lm.tokenizer, prompt, target_text(target))
-    ids = torch.tensor([context + continuation], device=lm.device)
-    with torch.no_grad():
-        logp = lm.model(ids).logits.log_softmax(-1)[0]
-    return sum(float(logp[len(context) - 1 + j, t]) for j, t in enumerate(continuation))
-
-
-def snapshot(lm) -> dict[str, torch.Tensor]:
-    return {k: v.clone() for k, v in lm.model.state_dict().items()}
 
 
 @pytest.mark.parametrize("model_type", ["llama", "gpt2"])
