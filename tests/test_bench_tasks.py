@@ -273,6 +273,12 @@ def test_every_task_is_registered_versioned_and_on_the_hub():
     assert len(get_task("bbh_cot").hub.configs) == 27
 
 
+def test_bbh_names_the_chain_of_thought_variant_as_in_lm_eval():
+    assert get_task("bbh") is get_task("bbh_cot")
+    with pytest.raises(UnknownTaskError, match="did you mean"):
+        get_task("bbhh")
+
+
 def test_new_task_data_sizes():
     bbh = get_task("bbh_cot").load("test")
     sizes = pd.Series([d.subject for d in bbh]).value_counts()

@@ -36,7 +36,7 @@ from .toxigen import TOXIGEN
 from .triviaqa import TRIVIAQA
 from .truthfulqa import TRUTHFULQA_MC1, TRUTHFULQA_MC2
 
-__all__ = ["MMLU", "MMLU_CLOZE", "GSM8K", "get_task", "list_tasks", "register_task"]
+__all__ = ["MMLU", "MMLU_CLOZE", "GSM8K", "ALIASES", "get_task", "list_tasks", "register_task"]
 
 LETTERS = ("A", "B", "C", "D")
 
@@ -198,6 +198,10 @@ _REGISTRY: dict[str, TaskSpec] = {
                  COMMONSENSE_QA_GEN, TRIVIAQA, TRUTHFULQA_MC1, TRUTHFULQA_MC2, TOXIGEN)
 }
 
+# Group names that stand for one registered variant, as in lm-eval (whose ``bbh`` group is
+# ``bbh_cot_fewshot``: 3-shot chain of thought). Rows carry the variant's name.
+ALIASES: dict[str, str] = {"bbh": "bbh_cot"}
+
 
 def list_tasks() -> list[str]:
     """Names of the registered tasks, sorted."""
@@ -205,15 +209,15 @@ def list_tasks() -> list[str]:
 
 
 def get_task(name: str) -> TaskSpec:
-    """The task registered as ``name``.
+    """The task registered as ``name`` (or the variant an alias in :data:`ALIASES` names).
 
     Raises:
         UnknownTaskError: no such task; the message lists the known ones and close matches.
     """
     try:
-        return _REGISTRY[name]
+        return _REGISTRY[ALIASES.get(name, name)]
     except KeyError:
-        close = difflib.get_close_matches(name, list(_REGISTRY), n=3, cutoff=0.5)
+        close = difflib.get_close_matches(name, list(_REGISTRY) + list(ALIASES), n=3, cutoff=0.5)
         hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
         raise UnknownTaskError(f"unknown task {name!r}{hint} (known: {', '.join(list_tasks())})") from None
 
