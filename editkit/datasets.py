@@ -21,7 +21,6 @@ Nothing is read at import time; :mod:`datasets` (Hugging Face) is imported only 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -415,9 +414,5 @@ def data_checksums(dataset: str, split: str, source: str | os.PathLike = "packag
     if src.kind == "packaged":
         return {src.location: resources.checksum(src.location)}
     if src.kind == "file":
-        digest = hashlib.sha256()
-        with open(src.location, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-        return {src.location: digest.hexdigest()}
+        return {src.location: resources.sha256_file(src.location)}
     return {f"hf:{src.location}": src.revision or "unpinned"}

@@ -11,7 +11,6 @@ unless asked for.
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import importlib.util
 import logging
@@ -28,6 +27,7 @@ from torch import nn
 
 from .adapters import Adapter, get_adapter
 from .paths import cache_root
+from .resources import sha256_file
 
 __all__ = ["LoadedModel", "CatalogEntry", "CATALOG", "DEFAULT_MODEL", "load_model", "ModelNotAvailableError",
            "resolve_device"]
@@ -124,6 +124,11 @@ class LoadedModel:
         adapter: the architecture row for ``model.config.model_type``.
         name: the catalog name, hub id or folder it was loaded from.
         source: where the weights came from (a file or hub id plus a digest when known).
+        context_routers: objects with ``route(contexts) -> contexts`` that the
+            evaluation engine applies to every context before it runs the model, in
+            order. Memory-based editors (SERAC) install themselves here: they send an
+            input in the scope of a stored edit to a counterfactual context and leave
+            the others untouched. Weight and hook editors never use it.
     """
 
     model: nn.Module
@@ -131,6 +136,7 @@ class LoadedModel:
     adapter: Adapter
     name: str
     source: str = ""
+    context_routers: list[Any] = field(default_factory=list)
 
     @property
     def device(self) -> torch.device:
@@ -171,14 +177,6 @@ def _resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     return resolved
 
 
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _converted_copy(entry: CatalogEntry, cache: Path) -> Path:
     """Folder with the safetensors copy of a catalog model, converting it once."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
@@ -190,7 +188,7 @@ def _converted_copy(entry: CatalogEntry, cache: Path) -> Path:
     with tempfile.TemporaryDirectory(dir=target.parent) as work:
         gguf = entry.locate(Path(work))
         log.info("checking %s", gguf)
-        if _sha256_file(gguf) != entry.sha256:
+        if sha256_file(gguf) != entry.sha256:
             raise ModelNotAvailableError(f"{gguf} does not match the SHA-256 recorded for {entry.name}")
         log.info("converting %s to safetensors under %s (once)", entry.name, target)
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)

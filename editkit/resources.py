@@ -14,11 +14,20 @@ import lzma
 from importlib import resources as importlib_resources
 from pathlib import Path
 
-__all__ = ["data_root", "list_files", "read_bytes", "read_text", "checksum", "ChecksumError"]
+__all__ = ["data_root", "list_files", "read_bytes", "read_text", "checksum", "sha256_file", "ChecksumError"]
 
 
 class ChecksumError(RuntimeError):
     """A packaged file does not match its recorded SHA-256."""
+
+
+def sha256_file(path: str | Path) -> str:
+    """SHA-256 of a file's bytes, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def data_root() -> Path:

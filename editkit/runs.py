@@ -30,7 +30,6 @@ at that checkpoint (and every later one), not raised.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -53,7 +52,7 @@ from tqdm.auto import tqdm
 from .config import Params
 from .editing import EditCollapseError, EditSession
 
-__all__ = ["StudyConfig", "StudyResult", "run_study", "load_study", "DEFAULT_CHECKPOINTS", "run_id_for"]
+__all__ = ["StudyConfig", "StudyResult", "run_study", "load_study", "DEFAULT_CHECKPOINTS", "run_id_for", "write_items"]
 
 log = logging.getLogger(__name__)
 
@@ -314,7 +313,7 @@ class _Run:
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
         for name, frame in frames.items():
-            _to_parquet(frame, tmp / f"{name}.parquet")
+            write_items(frame, tmp / f"{name}.parquet")
         if meta["status"] == "ok" and n > 0:
             if self.session.touched:
                 save_file({k: v.contiguous().cpu() for k, v in self.session.edited_state().items()},
@@ -324,7 +323,8 @@ class _Run:
         os.replace(tmp, final)
 
 
-def _to_parquet(frame: pd.DataFrame, path: Path) -> None:
+def write_items(frame: pd.DataFrame, path: Path) -> None:
+    """Write per-item rows to parquet (answers, indices or texts, are stored as text)."""
     frame = frame.copy()
     for column in ("target", "prediction", "prediction_norm", "prediction_flexible"):
         if column in frame:  # index for choice tasks, text for generation: store as text

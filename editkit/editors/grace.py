@@ -348,7 +348,7 @@ class GRACE(Editor):
         return nearest_id, "expanded", distance
 
     def _apply_one(self, request: EditRequest, handle: EditHandle) -> dict[str, Any]:
-        lm, p = self.lm, self.params
+        lm = self.lm
         context, target = encode_pair(lm.tokenizer, request.prompt, target_text(request.target_new))
         key_position = len(context) - 1
         module = get_module(lm.model, self.module_path)
