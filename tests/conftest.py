@@ -54,6 +54,13 @@ def one_torch_thread():
     torch.set_num_threads(before)
 
 
+@pytest.fixture
+def session_cache(tmp_path_factory, monkeypatch):
+    """``EDITKIT_CACHE`` -> one folder for the test session: statistics of tiny models and
+    briefly trained artifacts are shared between tests but never reach the user's cache."""
+    monkeypatch.setenv("EDITKIT_CACHE", str(tmp_path_factory.getbasetemp() / "editkit-cache"))
+
+
 @pytest.fixture(scope="session")
 def smollm2() -> LoadedModel:
     """The embedded default model (converted once into the cache, then ~0.3 s to load)."""

@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import torch
 
-from editkit.tokens import encode_pair, target_text
+from editkit.benchmarks import Engine
+from editkit.tokens import target_text
 
 
 def target_logprob(lm, prompt: str, target: str) -> float:
-    """Teacher-forced log P(target | prompt) in one pass over prompt + target."""
-    context, continuation = encode_pair(lm.tokenizer, prompt, target_text(target))
-    ids = torch.tensor([context + continuation], device=lm.device)
-    with torch.no_grad():
-        logp = lm.model(ids).logits.log_softmax(-1)[0]
-    return sum(float(logp[len(context) - 1 + j, t]) for j, t in enumerate(continuation))
+    """Teacher-forced log P(target | prompt) through the evaluation engine.
+
+    The engine is what every evaluation uses, so memory-based editors that route
+    contexts (SERAC) are seen as well as weight and hook editors.
+    """
+    return Engine(lm, batch_size=1, progress=False).loglikelihood([(prompt, target_text(target))])[0][0]
 
 
 def snapshot(lm) -> dict[str, torch.Tensor]:

@@ -274,9 +274,18 @@ class Engine:
             output.logits = output.logits[:, -keep:] if isinstance(keep, int) else output.logits[:, keep]
         return output
 
+    def route(self, contexts: Sequence[str]) -> list[str]:
+        """``contexts`` after the model's context routers (see :class:`~editkit.models.LoadedModel`)."""
+        contexts = list(contexts)
+        for router in getattr(self.lm, "context_routers", ()):
+            contexts = list(router.route(contexts))
+        return contexts
+
     def score(self, requests: Sequence[tuple[str, str]]) -> list[ContinuationScore]:
         """Score each ``(context, continuation)``; results in request order."""
-        encoded = [self._encode_request(i, context, continuation) for i, (context, continuation) in enumerate(requests)]
+        contexts = self.route([context for context, _ in requests])
+        encoded = [self._encode_request(i, context, continuation)
+                   for i, (context, (_, continuation)) in enumerate(zip(contexts, requests))]
         results: list[ContinuationScore | None] = [None] * len(encoded)
         groups: dict[tuple, list[_Encoded]] = {}
         for request in encoded:
@@ -368,8 +377,8 @@ class Engine:
         logits returns ``""`` and is logged. Batched equals unbatched.
         """
         contexts = []
-        for index, request in enumerate(requests):
-            ids = self.encode(request.context) if request.context else [self.prefix_token_id]
+        for index, (text, request) in enumerate(zip(self.route([r.context for r in requests]), requests)):
+            ids = self.encode(text) if text else [self.prefix_token_id]
             room = max(self.max_length - request.max_new_tokens, 1)
             if len(ids) > room:
                 log.debug("request %d: context cut from %d to %d tokens on the left", index, len(ids), room)

@@ -3,7 +3,8 @@
 ``get_editor(name, lm, **overrides)`` builds the editor's hyperparameters from the
 published defaults, then the packaged per-model overrides
 (``editkit/configs/<name>.yaml``: first the model's catalog name or hub id, then its
-``config.model_type``), then an optional YAML file, then keyword overrides.
+``config.model_type``), then an optional named preset from the same file (trained
+editors have ``smoke`` and ``paper``), then an optional YAML file, then keyword overrides.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ _REGISTRY: dict[str, str] = {
     "kn": "editkit.editors.kn:KN",
     "grace": "editkit.editors.grace:GRACE",
     "ft": "editkit.editors.ft:FT",
+    "mend": "editkit.editors.mend:MEND",
+    "serac": "editkit.editors.serac:SERAC",
 }
 
 
@@ -62,16 +65,30 @@ def model_overrides(name: str, lm: Any) -> dict[str, Any]:
     return dict((table.get("model_types") or {}).get(lm.model_type) or {})
 
 
-def resolve_params(name: str, lm: Any, config_file: str | os.PathLike[str] | None = None, **overrides: Any):
-    """The editor's params: defaults < packaged per-model overrides < ``config_file`` < ``overrides``."""
+def preset_overrides(name: str, preset: str) -> dict[str, Any]:
+    """The named set of values ``preset`` (e.g. ``smoke``, ``paper``) of editor ``name``'s config file."""
+    path = resources.files("editkit") / "configs" / f"{name.lower()}.yaml"
+    presets = (load_yaml(str(path)).get("presets") or {}) if path.is_file() else {}
+    if preset not in presets:
+        raise UnknownEditorError(f"editor {name!r} has no preset {preset!r} (known: {', '.join(presets) or 'none'})")
+    return dict(presets[preset] or {})
+
+
+def resolve_params(name: str, lm: Any, config_file: str | os.PathLike[str] | None = None, *,
+                   preset: str | None = None, **overrides: Any):
+    """The editor's params: defaults < packaged per-model overrides < ``preset`` < ``config_file`` < ``overrides``."""
     cls = editor_class(name).params_class
-    params = cls().replace(where=f"editkit/configs/{name}.yaml", **model_overrides(name, lm))
+    where = f"editkit/configs/{name}.yaml"
+    params = cls().replace(where=where, **model_overrides(name, lm))
+    if preset is not None:
+        params = params.replace(where=f"{where} preset {preset!r}", **preset_overrides(name, preset))
     if config_file is not None:
         params = params.replace(where=str(config_file), **load_yaml(config_file))
     return params.replace(**overrides)
 
 
-def get_editor(name: str, lm: Any, config_file: str | os.PathLike[str] | None = None, **overrides: Any) -> Editor:
+def get_editor(name: str, lm: Any, config_file: str | os.PathLike[str] | None = None, *,
+               preset: str | None = None, **overrides: Any) -> Editor:
     """Build editor ``name`` for the loaded model ``lm`` (see module docstring)."""
     cls = editor_class(name)
-    return cls(lm, resolve_params(name, lm, config_file, **overrides))
+    return cls(lm, resolve_params(name, lm, config_file, preset=preset, **overrides))

@@ -1,0 +1,619 @@
+"""MEND: Model Editor Networks with Gradient Decomposition (Mitchell et al., 2021, arXiv 2110.11309).
+
+For a linear map ``y = W u`` inside the model (``W`` is ``out x in``), the gradient of
+a loss L over a sequence is a sum of rank-one terms, one per token position t::
+
+    ∇_W L = Σ_t δ_t u_tᵀ        u_t = the module's input at t,  δ_t = ∂L/∂y_t
+
+MEND never forms ∇_W L from scratch: a small trained network g maps each pair
+(u_t, δ_t) to (ũ_t, δ̃_t), and the edit is
+
+    W ← W − α_l Σ_t δ̃_t ũ_tᵀ                                   (one α_l per edited weight)
+
+with L the teacher-forced NLL of ``target_new`` after the prompt, averaged over the
+target tokens of every request of the ``edit`` call (several requests are one sum).
+
+The network g (one per distinct weight shape when ``shared``; the published one):
+
+* inputs standardised by running statistics, ``z = (x − mean) / (std + 1e-7)``, kept
+  as buffers (count, mean, sum of squared deviations) and updated in training only;
+* ``combine``: ``[z_u; z_δ]`` goes through one network and the output is split back;
+* ``n_hidden + 1`` low-rank residual layers ("IDMLP" of ``LRLinear``), for a mode m
+  (the index of the weight among those of its shape)::
+
+      h ← h + relu(s_m ⊙ (A B h + b) + o_m)       A: width x r (zeros), B: r x width (N(0, 1))
+
+  so with ``init="id"`` g starts as the identity; ``s_m`` and ``o_m`` (the per-weight
+  scale and shift, "mode shift") start at 1 and 0. As in the reference every layer,
+  the last included, has the relu, written as ``clamp(min=0)`` so that its gradient at
+  0 (every pre-activation at init) is 1: with ``torch.relu`` g would never leave the identity.
+
+Training (:class:`MENDTrainable`, run by :func:`editkit.training.train_editor`) makes
+the edit a differentiable function of g's parameters and the α's: a forward hook adds
+``x ↦ −α Σ_t δ̃_t (ũ_tᵀ x)`` to each edited module's output, so the base weights are
+never written (and GPT-2's Conv1D orientation never matters). For an edit request with
+rephrases P' and a locality text x_loc (its neighbourhood prompt and answer)::
+
+    L = c_edit · NLL_edited(target_new | prompt and P') + c_loc · KL(p_base(·|x_loc) ‖ p_edited(·|x_loc))
+
+the KL averaged over every position of x_loc. Each optimiser step averages L over
+``accumulate_bs`` independent edits of ``batch_size`` requests; only g and the α's
+learn. u and δ come from the unedited model and are constants (no second order).
+
+Checked against eric-mitchell/mend (``algs/mend.py``, ``nn.py`` as copied in EasyEdit's
+``local_nn.py``, ``hooks.py``, ``trainer.py``, ``losses.py``) and EasyEdit
+``easyeditor/trainer/algs/MEND.py`` with ``hparams/TRAINING/MEND/{gpt2-xl,gpt-j-6B,
+llama-7b}.yaml``. Known deviations:
+
+* The update is ``W − α ∇̃W`` as in the paper. Both references add ``+ α ∇̃W``, a
+  sign error the author acknowledged (eric-mitchell/mend issue 13): training flips it.
+* The ``accumulate_bs`` edits of a step run as one batched pass, each edit acting
+  only on its own rows; the normalisation statistics take in all of the step's
+  tokens before normalising them (the reference: edit by edit). An optimiser step
+  is taken every ``accumulate_bs`` edits from the first one.
+* The post-edit NLL is read on the edit prompt and its rephrases (``edit_loss_on``);
+  eric-mitchell/mend reads the rephrase only, EasyEdit the prompt only.
+* The base model stays in eval mode during training (the reference puts it in train
+  mode, so GPT-2's dropout is active when u and δ are taken).
+* No early stopping: the weights after ``max_iters`` iterations are saved (the
+  reference keeps the best validation checkpoint).
+* With fewer than two observed samples the standardisation is the identity (the
+  reference holds NaN there); statistics are accumulated in float64.
+* Target tokens are the continuation of prompt + " target" (:func:`editkit.tokens.encode_pair`),
+  and logits are computed only at the positions a loss reads.
+* ``layers`` may be negative (counted from the last block); ``roles`` are adapter roles
+  or module paths inside a block (``mlp.gate_proj`` for Llama's gate projection).
+* Not accepted: ``one_sided``, ``x_only``, ``delta_only``, ``dropout``, ``train_base``,
+  ``cbase``, ``hidden_dim``, ``mlp_class`` and ``lr_scale`` (the published files leave
+  them off, at 0, or at 1; IDMLP is the only network).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from ..config import Params
+from ..editing import EditHandle, Editor
+from ..hooks import forward_hooks, get_module
+from ..tokens import encode, encode_pair, pad_batch, target_text
+from ..training import ArtifactKey, Trainable, data_digest, load_artifact, train_command
+from ..types import EditRequest
+from .base import as_stored
+
+__all__ = ["MEND", "MENDParams", "MENDNet", "MENDTrainable", "edited_modules"]
+
+log = logging.getLogger(__name__)
+
+_STD_EPS = 1e-7  # added to the running std, as in the reference
+
+
+@dataclass(frozen=True)
+class MENDParams(Params):
+    """MEND hyperparameters. Defaults: the published GPT2-XL training file
+    (EasyEdit ``hparams/TRAINING/MEND/gpt2-xl.yaml``, same values in eric-mitchell/mend).
+
+    ``layers`` x ``roles`` replace the reference's ``inner_params`` (GPT2-XL: the ``c_fc``
+    and ``c_proj`` weights of blocks 45-47). One training iteration is one edit of
+    ``batch_size`` requests; ``accumulate_bs`` iterations make an optimiser step, so
+    training takes ``ceil(max_iters / accumulate_bs)`` steps.
+    """
+
+    layers: tuple[int, ...] = (45, 46, 47)
+    roles: tuple[str, ...] = ("mlp_in", "mlp_out")
+    # The network g (reference: mlp_class IDMLP, n_hidden 1, init id, act relu, rank 1920,
+    # norm, combine, shared).
+    rank: int = 1920
+    n_hidden: int = 1
+    init: Literal["id", "xavier"] = "id"
+    act: Literal["relu"] = "relu"
+    norm: bool = True
+    combine: bool = True
+    shared: bool = True
+    # The edit step α's initial value (edit_lr 1e-4), learned with Adam at lr_lr 1e-4.
+    edit_lr: float = 1e-4
+    # Training: Adam lr 1e-6 for g, cedit 0.1, cloc 1.0, grad_clip 100, batch_size 1,
+    # accumulate_bs 10, max_iters 100,000, seed 42.
+    lr: float = 1e-6
+    lr_lr: float = 1e-4
+    cedit: float = 0.1
+    cloc: float = 1.0
+    grad_clip: float = 100.0
+    batch_size: int = 1
+    accumulate_bs: int = 10
+    max_iters: int = 100_000
+    edit_loss_on: Literal["prompt", "rephrase", "both"] = "both"
+    train_data: str = "counterfact"
+    train_records: int = 0
+    # Requests edited (one by one) at each checkpoint's validation (reference: val_steps 500).
+    val_records: int = 500
+    # Reference: validation every 1,000 iterations, i.e. 100 optimiser steps.
+    checkpoint_every: int = 100
+    seed: int = 42
+
+    def __post_init__(self) -> None:
+        if not self.layers or len(set(self.layers)) != len(self.layers):
+            raise ValueError(f"MEND needs one or more distinct layers, got layers={self.layers}")
+        if not self.roles or len(set(self.roles)) != len(self.roles):
+            raise ValueError(f"MEND needs one or more distinct roles, got roles={self.roles}")
+        if self.rank < 1 or self.n_hidden < 0:
+            raise ValueError(f"rank must be >= 1 and n_hidden >= 0, got rank={self.rank}, n_hidden={self.n_hidden}")
+        if self.init not in ("id", "xavier") or self.act != "relu":
+            raise ValueError(f"init must be 'id' or 'xavier' and act 'relu', got {self.init!r}, {self.act!r}")
+        if self.edit_loss_on not in ("prompt", "rephrase", "both"):
+            raise ValueError(f"edit_loss_on must be 'prompt', 'rephrase' or 'both', got {self.edit_loss_on!r}")
+        if self.lr <= 0 or self.lr_lr < 0 or self.grad_clip <= 0:
+            raise ValueError("lr and grad_clip must be positive and lr_lr >= 0")
+        if self.cedit < 0 or self.cloc < 0 or self.cedit + self.cloc == 0:
+            raise ValueError(f"cedit and cloc must be >= 0 and not both 0, got {self.cedit}, {self.cloc}")
+        if min(self.batch_size, self.accumulate_bs, self.max_iters, self.checkpoint_every) < 1:
+            raise ValueError("batch_size, accumulate_bs, max_iters and checkpoint_every must be >= 1")
+        if self.train_records < 0 or self.val_records < 0:
+            raise ValueError("train_records and val_records must be >= 0 (0: all)")
+        if self.train_data not in ("counterfact", "zsre"):
+            raise ValueError(f"train_data must be 'counterfact' or 'zsre', got {self.train_data!r}")
+
+
+def edited_modules(lm: Any, params: MENDParams) -> list[str]:
+    """Module paths of the edited projections, layer by layer, in ``roles`` order."""
+    paths = []
+    for layer in params.layers:
+        index = layer + lm.n_layers if layer < 0 else layer
+        if not 0 <= index < lm.n_layers:
+            raise ValueError(f"MEND layer {layer} is out of range for {lm.name} ({lm.n_layers} layers)")
+        for role in params.roles:
+            # A role with a dot is a path inside the block (e.g. Llama's mlp.gate_proj).
+            path = f"{lm.adapter.path('blocks', index)}.{role}" if "." in role else lm.adapter.path(role, index)
+            weight = getattr(get_module(lm.model, path), "weight", None)
+            if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+                raise ValueError(f"MEND edits 2-D projection weights; {path} has none")
+            paths.append(path)
+    return paths
+
+
+def _shapes(lm: Any, paths: Sequence[str]) -> list[tuple[int, int]]:
+    """(in, out) of each module's weight, read through the adapter's orientation."""
+    return [tuple(reversed(lm.adapter.as_out_in(get_module(lm.model, p).weight).shape)) for p in paths]
+
+
+# -- the network g ----------------------------------------------------------------
+
+
+class LowRankResidual(nn.Module):
+    """``h ↦ h + relu(s_m ⊙ (A B h + b) + o_m)`` (``init="id"``), or without the ``h +`` (``"xavier"``)."""
+
+    def __init__(self, width: int, rank: int, n_modes: int | None, init: str, generator: torch.Generator) -> None:
+        super().__init__()
+        inner = min(rank, width)
+        self.residual = init == "id"
+        if self.residual:
+            self.up = nn.Parameter(torch.zeros(width, inner))
+            self.down = nn.Parameter(torch.randn(inner, width, generator=generator))
+        else:
+            self.up = nn.Parameter(torch.empty(width, inner))
+            self.down = nn.Parameter(torch.empty(inner, width))
+            bound_up = nn.init.calculate_gain("relu") * math.sqrt(6.0 / (width + inner))
+            bound_down = math.sqrt(6.0 / (width + inner))
+            with torch.no_grad():
+                self.up.uniform_(-bound_up, bound_up, generator=generator)
+                self.down.uniform_(-bound_down, bound_down, generator=generator)
+        self.bias = nn.Parameter(torch.zeros(width))
+        self.mode_scale = nn.Parameter(torch.ones(n_modes, width)) if n_modes else None
+        self.mode_shift = nn.Parameter(torch.zeros(n_modes, width)) if n_modes else None
+
+    def forward(self, h: torch.Tensor, mode: int | None) -> torch.Tensor:
+        pre = (h @ self.down.T) @ self.up.T + self.bias
+        if self.mode_scale is not None and mode is not None:
+            pre = pre * self.mode_scale[mode] + self.mode_shift[mode]
+        # clamp, not relu: at init A = 0 makes every pre-activation exactly 0, where relu's
+        # gradient is 0 and g would never learn; clamp passes the gradient there (as the reference).
+        out = pre.clamp(min=0)
+        return h + out if self.residual else out
+
+
+class LowRankMLP(nn.Module):
+    def __init__(self, width: int, params: MENDParams, n_modes: int | None, generator: torch.Generator) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(LowRankResidual(width, params.rank, n_modes, params.init, generator)
+                                    for _ in range(params.n_hidden + 1))
+
+    def forward(self, h: torch.Tensor, mode: int | None) -> torch.Tensor:
+        for layer in self.layers:
+            h = layer(h, mode)
+        return h
+
+
+class RunningMoments(nn.Module):
+    """Per-feature running mean and variance (Chan et al.'s pairwise update), as buffers."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.register_buffer("count", torch.zeros((), dtype=torch.float64))
+        self.register_buffer("mean", torch.zeros(width, dtype=torch.float64))
+        self.register_buffer("m2", torch.zeros(width, dtype=torch.float64))
+
+    @torch.no_grad()
+    def observe(self, x: torch.Tensor) -> None:
+        n = x.shape[0]
+        if n == 0:
+            return
+        x = x.double()
+        batch_mean = x.mean(0)
+        total = self.count + n
+        shift = batch_mean - self.mean
+        self.m2 += ((x - batch_mean) ** 2).sum(0) + shift**2 * (self.count * n / total)
+        self.mean += shift * (n / total)
+        self.count.copy_(total)
+
+    def standardise(self, x: torch.Tensor) -> torch.Tensor:
+        if self.count < 2:
+            return x
+        std = (self.m2 / (self.count - 1)).sqrt()
+        return ((x.double() - self.mean) / (std + _STD_EPS)).float()
+
+
+class GradientTransform(nn.Module):
+    """g for weights of one shape ``in -> out``: (u, δ) -> (ũ, δ̃) for ``mode`` (the weight's index)."""
+
+    def __init__(self, x_dim: int, delta_dim: int, params: MENDParams, n_modes: int | None,
+                 generator: torch.Generator) -> None:
+        super().__init__()
+        self.x_dim, self.delta_dim, self.norm = x_dim, delta_dim, params.norm
+        self.u_moments, self.delta_moments = RunningMoments(x_dim), RunningMoments(delta_dim)
+        if params.combine:
+            self.mlp = LowRankMLP(x_dim + delta_dim, params, n_modes, generator)
+        else:
+            self.u_mlp = LowRankMLP(x_dim, params, n_modes, generator)
+            self.delta_mlp = LowRankMLP(delta_dim, params, n_modes, generator)
+
+    def forward(self, u: torch.Tensor, delta: torch.Tensor, mode: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+        u, delta = u.float(), delta.float()
+        if self.training:
+            self.u_moments.observe(u)
+            self.delta_moments.observe(delta)
+        if self.norm:
+            u, delta = self.u_moments.standardise(u), self.delta_moments.standardise(delta)
+        if hasattr(self, "mlp"):
+            out = self.mlp(torch.cat([u, delta], dim=-1), mode)
+            return out[:, :self.x_dim], out[:, self.x_dim:]
+        return self.u_mlp(u, mode), self.delta_mlp(delta, mode)
+
+
+class MENDNet(nn.Module):
+    """Every trained part of MEND for one model: the transforms (and their statistics) and the α's.
+
+    Args:
+        shapes: ``(in, out)`` of each edited weight, in the order of :func:`edited_modules`.
+    """
+
+    def __init__(self, shapes: Sequence[tuple[int, int]], params: MENDParams) -> None:
+        super().__init__()
+        generator = torch.Generator().manual_seed(params.seed)
+        self.slots: list[tuple[str, int | None]] = []  # (transform key, mode) of each weight
+        keys = [f"{i}x{o}" if params.shared else f"w{n}" for n, (i, o) in enumerate(shapes)]
+        self.transforms = nn.ModuleDict()
+        for key, (x_dim, delta_dim) in zip(keys, shapes):
+            n_modes = keys.count(key) if params.shared else None
+            if key not in self.transforms:
+                self.transforms[key] = GradientTransform(x_dim, delta_dim, params, n_modes, generator)
+            self.slots.append((key, sum(k == key for k, _ in self.slots) if params.shared else None))
+        self.edit_lrs = nn.Parameter(torch.full((len(shapes),), float(params.edit_lr)))
+
+    @classmethod
+    def for_model(cls, lm: Any, params: MENDParams) -> MENDNet:
+        """An untrained network (g the identity, α = ``edit_lr``) for ``lm``'s edited weights."""
+        return cls(_shapes(lm, edited_modules(lm, params)), params)
+
+    def factors(self, index: int, u: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ũ, −α δ̃) for weight ``index`` from token rows of u (T x in) and δ (T x out)."""
+        key, mode = self.slots[index]
+        u_tilde, delta_tilde = self.transforms[key](u, delta, mode)
+        return u_tilde, -self.edit_lrs[index] * delta_tilde
+
+
+# -- forward passes -----------------------------------------------------------------
+
+
+class _Pass:
+    """Rows of one forward pass and the (row, position) pairs whose next-token log-probs are read."""
+
+    def __init__(self) -> None:
+        self.rows: list[list[int]] = []
+        self.queries: list[tuple[int, int]] = []
+
+    def add(self, ids: list[int], positions: Sequence[int]) -> range:
+        """Append a row; returns the indices of its queries."""
+        start = len(self.queries)
+        self.queries.extend((len(self.rows), p) for p in positions)
+        self.rows.append(ids)
+        return range(start, len(self.queries))
+
+    def add_target(self, tokenizer: Any, prompt: str, target: str) -> tuple[range, list[int]]:
+        """A teacher-forced row for ``target`` after ``prompt``: its queries and their labels."""
+        context, answer = encode_pair(tokenizer, prompt, target_text(target))
+        if not answer:
+            raise ValueError(f"target {target!r} has no tokens after prompt {prompt!r}")
+        ids = context + answer[:-1]
+        return self.add(ids, range(len(context) - 1, len(ids))), answer
+
+    def log_probs(self, lm: Any, hooks: Sequence = ()) -> tuple[torch.Tensor, torch.Tensor]:
+        """Log-probabilities (queries x vocab, float32) and the attention mask of the padded batch."""
+        device = lm.device
+        ids, mask = pad_batch(self.rows, lm.tokenizer.pad_token_id)
+        ids, mask = torch.tensor(ids, device=device), torch.tensor(mask, device=device)
+        flat = torch.tensor([r * ids.shape[1] + p for r, p in self.queries], device=device)
+
+        def only_queries(module: nn.Module, args: tuple) -> tuple:
+            hidden = args[0]
+            return (hidden.reshape(-1, hidden.shape[-1])[flat].unsqueeze(0), *args[1:])
+
+        unembed = get_module(lm.model, lm.adapter.path("unembed"))
+        handle = unembed.register_forward_pre_hook(only_queries)
+        try:
+            with forward_hooks(lm.model, hooks):
+                logits = lm.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        finally:
+            handle.remove()
+        return logits[0].float().log_softmax(-1), mask
+
+
+@dataclass
+class _Edit:
+    """Requests edited together, with the texts the training losses read."""
+
+    requests: list[EditRequest]
+    locality: list[str]
+
+
+def _locality_text(request: EditRequest, fallback: EditRequest) -> str:
+    """The request's first locality prompt with its answer, else another record's prompt."""
+    if request.locality_prompts:
+        answer = request.locality_answers[0] if request.locality_answers else ""
+        return request.locality_prompts[0] + (target_text(answer) if answer else "")
+    return fallback.prompt + (target_text(fallback.target_true) if fallback.target_true else "")
+
+
+def _mean_by(values: torch.Tensor, groups: torch.Tensor, n: int) -> torch.Tensor:
+    """Mean of ``values`` within each of ``n`` groups."""
+    total = values.new_zeros(n).index_add(0, groups, values)
+    count = values.new_zeros(n).index_add(0, groups, torch.ones_like(values))
+    return total / count.clamp(min=1)
+
+
+def _token_factors(lm: Any, paths: Sequence[str], edits: Sequence[list[EditRequest]], extra: Sequence[str] = ()
+                   ) -> tuple[list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], list[torch.Tensor], Any]:
+    """u and δ at every edited module for each edit's teacher-forced NLL, from one pass of the current model.
+
+    Each edit's loss is the mean NLL over its target tokens; their sum is backpropagated
+    to the modules' outputs (rows do not interact, so each edit's δ is its own gradient).
+    ``extra`` texts run in the same pass for their log-probabilities at every position.
+
+    Returns:
+        per path ``(u, δ, edit)`` (tokens x in, tokens x out, the edit of each token;
+        detached), per edit the per-request NLLs, and the log-probs of the ``extra``
+        rows (their queries in row order) or None.
+    """
+    tokenizer, device = lm.tokenizer, lm.device
+    batch = _Pass()
+    queries, labels, query_edit, query_request = [], [], [], []
+    row_edit = []
+    for e, requests in enumerate(edits):
+        for request in requests:
+            rows, answer = batch.add_target(tokenizer, request.prompt, request.target_new)
+            queries.extend(rows)
+            labels.extend(answer)
+            query_edit.extend([e] * len(rows))
+            query_request.extend([len(row_edit)] * len(rows))
+            row_edit.append(e)
+    n_edit_rows = len(batch.rows)
+    for ids in (encode(tokenizer, text) for text in extra):
+        batch.add(ids, range(len(ids)))
+    store: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def capture(path: str):
+        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+            # Adding a zero leaf that wants a gradient puts the output on the tape (the
+            # model's own weights do not require grad); the values are unchanged.
+            tracked = output + output.new_zeros(()).requires_grad_()
+            store[path] = (args[0].detach(), tracked)
+            return tracked
+
+        return hook
+
+    with torch.enable_grad():
+        log_probs, mask = batch.log_probs(lm, [(p, capture(p)) for p in paths])
+        index = torch.tensor(queries, device=device)
+        token_nll = -log_probs[index, torch.tensor(labels, device=device)]
+        edit_of_query = torch.tensor(query_edit, device=device)
+        loss = _mean_by(token_nll, edit_of_query, len(edits)).sum()
+        deltas = torch.autograd.grad(loss, [store[p][1] for p in paths])
+    request_nll = _mean_by(token_nll.detach(), torch.tensor(query_request, device=device), n_edit_rows)
+    real = mask[:n_edit_rows].bool()
+    token_edit = torch.tensor(row_edit, device=device)[:, None].expand_as(real)[real]
+    factors = []
+    for path, delta in zip(paths, deltas):
+        n_rows = mask.shape[0]
+        u = store[path][0].reshape(n_rows, -1, store[path][0].shape[-1])[:n_edit_rows][real]
+        d = delta.reshape(n_rows, -1, delta.shape[-1])[:n_edit_rows][real]
+        # Tokens where u or δ is zero add nothing to the gradient; as the reference, they
+        # are left out (of the statistics too). In the last block δ is zero away from the
+        # positions a loss reads, so the kept tokens differ from module to module.
+        keep = (u != 0).any(-1) & (d != 0).any(-1)
+        factors.append((u[keep], d[keep], token_edit[keep]))
+    per_edit, start = [], 0
+    for requests in edits:
+        per_edit.append(request_nll[start:start + len(requests)])
+        start += len(requests)
+    extra_lp = log_probs[len(queries):].detach() if extra else None
+    return factors, per_edit, extra_lp
+
+
+def _low_rank_hook(factors: list[tuple[torch.Tensor, torch.Tensor]], bounds: list[tuple[int, int]]):
+    """Forward hook adding, on rows ``bounds[e]``, ``x ↦ Σ_t d_t (u_tᵀ x)`` of edit e's factors (u, d)."""
+
+    def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        x = args[0].float()
+        x = x.reshape(bounds[-1][1], -1, x.shape[-1])
+        parts = [(x[start:stop] @ u.T) @ d for (u, d), (start, stop) in zip(factors, bounds)]
+        return output + torch.cat(parts).reshape(output.shape).to(output.dtype)
+
+    return hook
+
+
+# -- training -----------------------------------------------------------------------
+
+
+class MENDTrainable(Trainable):
+    """g and the α's, trained on edits of ``train`` requests (see the module docstring)."""
+
+    def __init__(self, lm: Any, params: MENDParams, train: Sequence[EditRequest],
+                 val: Sequence[EditRequest] = ()) -> None:
+        if len(train) < 2:
+            raise ValueError("MEND training needs at least two training requests")
+        self.lm, self.params = lm, params
+        self.paths = edited_modules(lm, params)
+        self.module = MENDNet.for_model(lm, params).to(lm.device)
+        self.steps = math.ceil(params.max_iters / params.accumulate_bs)
+        self.grad_clip = params.grad_clip
+        self.train, self.val = list(train), list(val)
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        net = [p for name, p in self.module.named_parameters() if name != "edit_lrs"]
+        return [{"params": net, "lr": self.params.lr}, {"params": [self.module.edit_lrs], "lr": self.params.lr_lr}]
+
+    def sample(self, rng: random.Random) -> list[_Edit]:
+        p = self.params
+        edits = []
+        for _ in range(p.accumulate_bs):
+            requests = [self.train[rng.randrange(len(self.train))] for _ in range(p.batch_size)]
+            others = [self.train[rng.randrange(len(self.train))] for _ in requests]
+            edits.append(_Edit(requests, [_locality_text(r, o) for r, o in zip(requests, others)]))
+        return edits
+
+    def _outer_prompts(self, request: EditRequest) -> list[str]:
+        on = self.params.edit_loss_on
+        rephrases = list(request.rephrase_prompts)
+        prompts = [request.prompt] if on in ("prompt", "both") or not rephrases else []
+        return prompts + (rephrases if on in ("rephrase", "both") else [])
+
+    def _losses(self, edits: list[_Edit]) -> dict[str, torch.Tensor]:
+        """Per edit: NLL before, NLL and accuracy after (outer prompts), locality KL."""
+        lm, device = self.lm, self.lm.device
+        locality = [text for edit in edits for text in edit.locality]
+        factors, nll_before, base_lp = _token_factors(lm, self.paths, [e.requests for e in edits], locality)
+        per_path = []
+        for index, (u, d, token_edit) in enumerate(factors):
+            u_tilde, d_tilde = self.module.factors(index, u, d)
+            per_path.append([(u_tilde[token_edit == e], d_tilde[token_edit == e]) for e in range(len(edits))])
+
+        batch, bounds = _Pass(), []
+        target_q, labels, target_edit, loc_q, loc_edit = [], [], [], [], []
+        for e, edit in enumerate(edits):
+            start = len(batch.rows)
+            for request in edit.requests:
+                for prompt in self._outer_prompts(request):
+                    rows, answer = batch.add_target(lm.tokenizer, prompt, request.target_new)
+                    target_q.extend(rows)
+                    labels.extend(answer)
+                    target_edit.extend([e] * len(rows))
+            for ids in (encode(lm.tokenizer, text) for text in edit.locality):
+                rows = batch.add(ids, range(len(ids)))
+                loc_q.extend(rows)
+                loc_edit.extend([e] * len(rows))
+            bounds.append((start, len(batch.rows)))
+        hooks = [(path, _low_rank_hook(per_path[i], bounds)) for i, path in enumerate(self.paths)]
+        log_probs, _ = batch.log_probs(lm, hooks)
+        n = len(edits)
+        target_lp = log_probs[torch.tensor(target_q, device=device)]
+        label = torch.tensor(labels, device=device)
+        token_ll = target_lp.gather(1, label[:, None])[:, 0]
+        target_edit = torch.tensor(target_edit, device=device)
+        correct = (target_lp.argmax(-1) == label).float()
+        post = log_probs[torch.tensor(loc_q, device=device)]
+        kl = (base_lp.exp() * (base_lp - post)).sum(-1)  # base rows are in the same order as loc_q
+        return {
+            "nll_before": torch.stack([x.mean() for x in nll_before]),
+            "nll_after": -_mean_by(token_ll, target_edit, n),
+            "acc": (_mean_by(correct, target_edit, n) == 1).float(),
+            "loc_kl": _mean_by(kl, torch.tensor(loc_edit, device=device), n),
+        }
+
+    def loss(self, batch: list[_Edit]) -> tuple[torch.Tensor, dict[str, float]]:
+        values = self._losses(batch)
+        per_edit = self.params.cedit * values["nll_after"] + self.params.cloc * values["loc_kl"]
+        return per_edit.mean(), {k: float(v.detach().mean()) for k, v in values.items()}
+
+    def validate(self) -> dict[str, float]:
+        """Mean over ``val`` (one request per edit) of NLL before/after, exact-match accuracy after and locality KL."""
+        if not self.val:
+            return {}
+        rows: dict[str, list[torch.Tensor]] = {}
+        fallback = self.val[1:] + self.val[:1]
+        edits = [_Edit([r], [_locality_text(r, o)]) for r, o in zip(self.val, fallback)]
+        for start in range(0, len(edits), self.params.accumulate_bs):
+            for key, value in self._losses(edits[start:start + self.params.accumulate_bs]).items():
+                rows.setdefault(key, []).append(value.detach())
+        return {key: float(torch.cat(values).mean()) for key, values in rows.items()}
+
+
+# -- the editor -----------------------------------------------------------------------
+
+
+class MEND(Editor):
+    """Edit with a trained MEND network (load it with :func:`editkit.training.train_editor` first).
+
+    Args:
+        net: an already trained (or, in tests, untrained) :class:`MENDNet` to use
+            instead of the saved artifact.
+
+    Raises:
+        MissingArtifactError: nothing is trained for this model, data and settings
+            (the message holds the ``python -m editkit train mend ...`` command).
+    """
+
+    name = "mend"
+    params_class = MENDParams
+    needs_training = True
+
+    def __init__(self, lm: Any, params: MENDParams, net: MENDNet | None = None) -> None:
+        super().__init__(lm, params)
+        self.module_paths = edited_modules(lm, params)
+        if net is None:
+            net = MENDNet.for_model(lm, params)
+            self.artifact: dict[str, Any] | None = load_artifact(self.artifact_key(lm, params), net)
+        else:
+            self.artifact = None
+        self.net = net.to(lm.device).eval()
+
+    @classmethod
+    def artifact_key(cls, lm: Any, params: MENDParams) -> ArtifactKey:
+        return ArtifactKey(method="mend", model=lm.name, data=params.train_data,
+                           data_digest=data_digest(params.train_data), digest=params.digest(),
+                           command=train_command("mend", lm, params))
+
+    @classmethod
+    def trainable(cls, lm: Any, params: MENDParams, train: Sequence[EditRequest],
+                  val: Sequence[EditRequest] = ()) -> MENDTrainable:
+        return MENDTrainable(lm, params, train, val)
+
+    def _apply(self, requests: list[EditRequest], handle: EditHandle) -> None:
+        self.net.eval()
+        factors, nll, _ = _token_factors(self.lm, self.module_paths, [requests])
+        squares = 0.0
+        with torch.no_grad():
+            for index, (path, (u, d, _)) in enumerate(zip(self.module_paths, factors)):
+                u_tilde, d_tilde = self.net.factors(index, u, d)
+                delta = d_tilde.T @ u_tilde  # out x in: −α Σ_t δ̃_t ũ_tᵀ
+                squares += float(delta.double().pow(2).sum())
+                self._update_weight(handle, f"{path}.weight", as_stored(self.lm, delta))
+        norm = math.sqrt(squares)
+        log.debug("MEND edit of %d request(s): |ΔW| = %.4g", len(requests), norm)
+        handle.info.extend({"case_id": r.case_id, "nll_before": float(v), "delta_norm": norm}
+                           for r, v in zip(requests, nll[0]))
