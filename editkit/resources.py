@@ -11,14 +11,26 @@ from __future__ import annotations
 import functools
 import hashlib
 import lzma
+import os
 from importlib import resources as importlib_resources
 from pathlib import Path
+from typing import Any
 
-__all__ = ["data_root", "list_files", "read_bytes", "read_text", "checksum", "sha256_file", "ChecksumError"]
+import torch
+
+__all__ = ["data_root", "list_files", "read_bytes", "read_text", "checksum", "sha256_file", "atomic_torch_save", "ChecksumError"]
 
 
 class ChecksumError(RuntimeError):
     """A packaged file does not match its recorded SHA-256."""
+
+
+def atomic_torch_save(obj: Any, path: str | Path) -> None:
+    """``torch.save`` to ``path`` through a temporary file, so the file is complete or absent."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
 
 
 def sha256_file(path: str | Path) -> str:

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from .corpus import corpus_key, iter_corpus
 from .hooks import forward_hooks
 from .paths import cache_root
+from .resources import atomic_torch_save
 
 __all__ = ["second_moment", "second_moments", "stats_path"]
 
@@ -102,9 +103,8 @@ def second_moments(lm: Any, module_paths: Sequence[str], corpus: str = "model_sa
         mom2 = (sums[module_path] / counts[module_path]).cpu()
         path = paths[module_path]
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        torch.save({"mom2": mom2, "count": counts[module_path], "corpus": corpus, "n_samples": n_samples}, tmp)
-        os.replace(tmp, path)
+        atomic_torch_save({"mom2": mom2, "count": counts[module_path], "corpus": corpus, "n_samples": n_samples},
+                          path)
         log.info("second moment of %s over %d tokens cached at %s", module_path, counts[module_path], path)
         result[module_path] = mom2
     return {m: result[m] for m in module_paths}

@@ -42,7 +42,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from .paths import cache_root
-from .resources import sha256_file
+from .resources import atomic_torch_save, sha256_file
 from .types import EditRequest
 
 __all__ = [
@@ -135,12 +135,6 @@ class Trainable(abc.ABC):
         return {}
 
 
-def _atomic_torch_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 def fit(trainable: Trainable, directory: str | os.PathLike[str], *, seed: int = 0, checkpoint_every: int = 50,
         fingerprint: dict[str, Any] | None = None, progress: bool = True) -> list[dict[str, float]]:
     """Train ``trainable.module`` with Adam for ``trainable.steps`` steps, checkpointing into ``directory``.
@@ -183,7 +177,7 @@ def fit(trainable: Trainable, directory: str | os.PathLike[str], *, seed: int = 
         torch.manual_seed(seed)
 
     def checkpoint(step: int) -> None:
-        _atomic_torch_save({"module": trainable.module.state_dict(), "optimizer": optimizer.state_dict(),
+        atomic_torch_save({"module": trainable.module.state_dict(), "optimizer": optimizer.state_dict(),
                             "rng": rng.getstate(), "torch_rng": torch.get_rng_state(), "history": history,
                             "step": step, "fingerprint": fingerprint}, path)
 
