@@ -16,13 +16,18 @@ Its folder ``<results_dir>/<method>-<digest>/`` holds::
         generations.parquet           greedy continuations of fixed probe prompts
         state.safetensors             every parameter the run has changed, as of n edits
         editor_state.pt               editor state beyond weights (templates, caches)
+    checkpoints/<n:06d>.partial/      while checkpoint n is evaluated: one journal per task of
+                                      the benchmark items finished so far (removed once saved)
 
 The edit sets are nested prefixes, so one pass gives the whole curve, and a rerun
 of the same configuration continues from the last finished checkpoint: a
 checkpoint folder appears only complete (written to ``.tmp`` then renamed), so a
-killed process loses at most the checkpoint in progress. The number of edits and
-the checkpoint list are not part of the run's identity: asking for more edits
-later extends the same run.
+killed process loses at most the checkpoint in progress: its edits are replayed
+from the last finished checkpoint, and its benchmark items already evaluated are
+read back from ``<n>.partial/`` if the replayed model is the same (a digest of the
+edited weights and the editor's state must match; otherwise they are evaluated
+again). The number of edits and the checkpoint list are not part of the run's
+identity: asking for more edits later extends the same run.
 
 NaN or Inf in edited weights or in the model's outputs is recorded as a collapse
 at that checkpoint (and every later one), not raised.
@@ -240,7 +245,19 @@ class _Run:
         return [[None if r is None else {"greedy": tuple(r["greedy"]), "prefers_answer": r["prefers_answer"]}
                  for r in per_request] for per_request in stored[:len(self.requests)]]
 
+    def partial_dir(self, n: int) -> Path:
+        """Where checkpoint ``n``'s benchmark items are journaled while it is evaluated."""
+        return self.folder / "checkpoints" / f"{n:06d}.partial"
+
     # state
+    def state_digest(self) -> str:
+        """SHA-256 of what the model's answers depend on beyond the base model: edited weights, editor state."""
+        import hashlib
+
+        digest = hashlib.sha256()
+        _digest_into(digest, {"weights": self.session.edited_state(), "editor": self.editor.state_dict()})
+        return digest.hexdigest()
+
     def load_checkpoint_state(self, n: int) -> None:
         """Put the model (and editor) in the state saved at checkpoint ``n``."""
         self.session.restore()
@@ -287,11 +304,15 @@ class _Run:
         from .edit_metrics import edit_quality, summarize_quality
 
         items = []
+        # Benchmark items are journaled, so a run stopped mid-evaluation resumes at the item it reached.
+        # The key ties the journal to this exact model state: a replay that differs starts over.
+        key = f"{self.lm.name} after {n} edits of {self.run_id}, state {self.state_digest()}"
         for task in self.config.tasks:
             spec = get_task(task)
             if hasattr(spec, "max_new_tokens") and spec.max_new_tokens != self.config.max_new_tokens:
                 spec = spec.with_options(max_new_tokens=self.config.max_new_tokens)
-            items.append(evaluate(self.engine, [spec], limit=self.config.task_limit(task), progress=False))
+            items.append(evaluate(self.engine, [spec], limit=self.config.task_limit(task), progress=self.progress,
+                                  journal=self.partial_dir(n), journal_key=key))
         items = pd.concat(items, ignore_index=True)
         scores = aggregate(items, seed=self.config.seed)
         quality = []
@@ -321,6 +342,26 @@ class _Run:
             torch.save(self.editor.state_dict(), tmp / "editor_state.pt")
         _write_json(tmp / "meta.json", meta)
         os.replace(tmp, final)
+        shutil.rmtree(self.partial_dir(n), ignore_errors=True)
+
+
+def _digest_into(digest: Any, value: Any) -> None:
+    """Feed a nested structure of tensors, mappings, sequences and scalars to a hashlib digest."""
+    if isinstance(value, torch.Tensor):
+        tensor = value.detach().cpu().contiguous()
+        digest.update(f"tensor {tensor.dtype} {tuple(tensor.shape)}".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    elif isinstance(value, dict):
+        digest.update(f"dict {len(value)}".encode())
+        for key in sorted(value, key=repr):
+            digest.update(repr(key).encode())
+            _digest_into(digest, value[key])
+    elif isinstance(value, (list, tuple)):
+        digest.update(f"seq {len(value)}".encode())
+        for item in value:
+            _digest_into(digest, item)
+    else:
+        digest.update(repr(value).encode())
 
 
 def write_items(frame: pd.DataFrame, path: Path) -> None:

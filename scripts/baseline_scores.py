@@ -4,7 +4,9 @@ Every registered task is evaluated on the same fixed subset editkit's ``limit`` 
 (stratified by subject or BBH subtask, deterministic), by default 200 items, or the
 whole task where it is smaller. Each task is saved as soon as it finishes
 (``<out>/items/<task>.parquet``, with its wall time in ``<out>/timings.json``), and a
-rerun skips finished tasks, so an interrupted run resumes. The summary goes to
+rerun skips finished tasks. Within a task, finished items are journaled every 16
+items under ``<out>/partial/``, so an interrupted task resumes at the item it
+reached (the wall time then counts only the resumed part). The summary goes to
 ``<out>/summary.csv`` (every metric of :func:`editkit.benchmarks.aggregate`) and
 ``<out>/table.md`` (the headline metrics), and the table is written to stdout::
 
@@ -33,7 +35,8 @@ log = logging.getLogger("baseline_scores")
 HEADLINE = ("acc", "acc_macro", "acc_norm", "acc_flexible")
 
 
-def run_tasks(lm, tasks: list[str], limit: int | None, out: Path, batch_size: int | str) -> dict[str, float]:
+def run_tasks(lm, tasks: list[str], limit: int | None, out: Path, batch_size: int | str,
+              key: str) -> dict[str, float]:
     """Evaluate each task not yet saved under ``out``; returns wall seconds per task (old and new)."""
     (out / "items").mkdir(parents=True, exist_ok=True)
     timings_path = out / "timings.json"
@@ -44,11 +47,12 @@ def run_tasks(lm, tasks: list[str], limit: int | None, out: Path, batch_size: in
             log.info("%s: already done, kept (%s)", task, path)
             continue
         start = time.perf_counter()
-        items = evaluate(lm, [task], limit=limit, batch_size=batch_size)
+        items = evaluate(lm, [task], limit=limit, batch_size=batch_size, journal=out / "partial", journal_key=key)
         timings[task] = round(time.perf_counter() - start, 1)
         tmp = path.with_suffix(".tmp")
         write_items(items, tmp)
         tmp.replace(path)
+        (out / "partial" / f"{task}.jsonl").unlink(missing_ok=True)
         timings_path.write_text(json.dumps(timings, indent=1, sort_keys=True))
         log.info("%s: %d items in %.0f s", task, len(items), timings[task])
     return timings
@@ -87,7 +91,7 @@ def main() -> None:
     batch_size = args.batch_size if args.batch_size == "auto" else int(args.batch_size)
     lm = load_model(args.model, dtype=args.dtype, device=args.device)
     tasks = args.task or list_tasks()
-    timings = run_tasks(lm, tasks, args.limit or None, out, batch_size)
+    timings = run_tasks(lm, tasks, args.limit or None, out, batch_size, key=f"{args.model} {args.dtype}")
     items = pd.concat([pd.read_parquet(out / "items" / f"{t}.parquet") for t in tasks], ignore_index=True)
     summary = aggregate(items)
     summary.to_csv(out / "summary.csv", index=False)

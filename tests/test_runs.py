@@ -72,6 +72,55 @@ def test_killed_run_resumes_without_recomputing(make_tiny, tmp_path, monkeypatch
     pd.testing.assert_frame_equal(comparable(rerun), comparable(reference))
 
 
+def test_run_killed_mid_evaluation_keeps_finished_items(make_tiny, tmp_path, monkeypatch):
+    from editkit.benchmarks import Engine, evaluation
+
+    lm = make_tiny("llama")
+    reference = run_study(tiny_config(tmp_path / "clean"), progress=False, lm=lm)
+    asked: list[tuple[str, int]] = []
+    original_ask = evaluation._ask
+
+    def recording_ask(model, task):
+        asked.append((task.spec.name, len(task.docs)))
+        return original_ask(model, task)
+
+    monkeypatch.setattr(evaluation, "_ask", recording_ask)
+    armed = []
+    original_generate = Engine.generate_until
+
+    def dies_when_armed(self, requests):
+        if armed:
+            raise Killed
+        return original_generate(self, requests)
+
+    monkeypatch.setattr(Engine, "generate_until", dies_when_armed)
+    config = tiny_config(tmp_path / "killed")
+    # Checkpoint 1 is saved, then the process dies in checkpoint 2's gsm8k, after its mmlu_cloze items.
+    with pytest.raises(Killed):
+        run_study(config, progress=False, lm=lm, on_checkpoint=lambda n, run_id: armed.append(n) if n == 1 else None)
+    partial = next((tmp_path / "killed").iterdir()) / "checkpoints" / "000002.partial"
+    assert len((partial / "mmlu_cloze.jsonl").read_text().splitlines()) == 1 + 2
+
+    armed.clear()
+    asked.clear()
+    resumed = run_study(config, progress=False, lm=lm)
+    assert asked == [("gsm8k", 1), ("mmlu_cloze", 2), ("gsm8k", 1)], "checkpoint 2 reuses its mmlu_cloze items"
+    assert not partial.exists(), "the journal goes once the checkpoint is saved"
+    pd.testing.assert_frame_equal(comparable(resumed), comparable(reference))
+
+
+def test_state_digest_follows_the_edited_weights(make_tiny, tmp_path):
+    from editkit.datasets import load_counterfact
+
+    lm = make_tiny("llama")
+    run = runs._Run(tiny_config(tmp_path), "rome", lm, [], progress=False)
+    before = run.state_digest()
+    run.session.apply(load_counterfact(n=1)[0])
+    assert run.state_digest() != before, "a checkpoint's journal is keyed on the edited model"
+    run.session.restore()
+    assert run.state_digest() == before
+
+
 def test_extending_n_edits_reuses_the_run(make_tiny, tmp_path, monkeypatch):
     lm = make_tiny("llama")
     calls = counting_evaluate(monkeypatch)

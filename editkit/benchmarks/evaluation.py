@@ -10,16 +10,21 @@ earlier name.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pandas as pd
+from tqdm.auto import tqdm
 
 from .engine import Engine, LanguageModel
 from .extract import is_degenerate
+from .journal import ItemJournal, journal_header
 from .spec import Doc, TaskSpec
 from .tasks import get_task
 
@@ -92,6 +97,11 @@ class TaskRequests:
         """Every request, item after item (the order a model is asked in)."""
         return [request for requests in self.requests for request in requests]
 
+    def slice(self, start: int, stop: int) -> TaskRequests:
+        """The same task restricted to items ``start:stop``."""
+        return replace(self, docs=self.docs[start:stop], prompts=self.prompts[start:stop],
+                       requests=self.requests[start:stop])
+
     def rows(self, responses: Sequence[Any]) -> list[dict[str, Any]]:
         """One result row per item from the responses to :attr:`flat`, in that order."""
         if len(responses) != sum(len(requests) for requests in self.requests):
@@ -136,15 +146,49 @@ def build_requests(spec: TaskSpec, limit: int | None = None, num_fewshot: int | 
     return TaskRequests(spec, docs, prompts, per_doc, shots_wanted)
 
 
-def _run_task(model: LanguageModel, spec: TaskSpec, limit: int | None, num_fewshot: int | None,
-              source: str) -> list[dict[str, Any]]:
-    task = build_requests(spec, limit, num_fewshot, source)
+def _ask(model: LanguageModel, task: TaskRequests) -> list[dict[str, Any]]:
     flat = task.flat
     start = time.perf_counter()
-    responses = getattr(model, spec.kind)(flat)
-    elapsed = time.perf_counter() - start
-    log.info("%s: %d items (%d requests) in %.1f s", spec.name, len(task.docs), len(flat), elapsed)
+    responses = getattr(model, task.spec.kind)(flat)
+    log.debug("%s: %d items (%d requests) in %.1f s", task.spec.name, len(task.docs), len(flat),
+              time.perf_counter() - start)
     return task.rows(responses)
+
+
+@contextlib.contextmanager
+def _inner_bars_off(model: LanguageModel) -> Iterator[None]:
+    """Silence an engine's per-call bars while a per-item bar reports instead."""
+    if not isinstance(model, Engine):
+        yield
+        return
+    shown, model.progress = model.progress, False
+    try:
+        yield
+    finally:
+        model.progress = shown
+
+
+def _run_task(model: LanguageModel, spec: TaskSpec, limit: int | None, num_fewshot: int | None,
+              source: str, journal: Path | None, journal_key: str, journal_every: int,
+              progress: bool) -> list[dict[str, Any]]:
+    task = build_requests(spec, limit, num_fewshot, source)
+    if journal is None:
+        start = time.perf_counter()
+        rows = _ask(model, task)
+        log.info("%s: %d items (%d requests) in %.1f s", spec.name, len(task.docs), len(task.flat),
+                 time.perf_counter() - start)
+        return rows
+    header = journal_header(spec.name, spec.version, task.num_fewshot, task.prompts, journal_key)
+    record = ItemJournal(journal / f"{spec.name.replace('/', '--')}.jsonl", header)
+    rows = record.load([doc.item_id for doc in task.docs])
+    with tqdm(total=len(task.docs), initial=len(rows), desc=spec.name, unit="item",
+              disable=not progress) as bar, _inner_bars_off(model):
+        for start in range(len(rows), len(task.docs), journal_every):
+            done = _ask(model, task.slice(start, start + journal_every))
+            record.append(done)
+            rows.extend(done)
+            bar.update(len(done))
+    return rows
 
 
 def evaluate(
@@ -156,6 +200,9 @@ def evaluate(
     progress: bool = True,
     num_fewshot: int | None = None,
     source: str = "packaged",
+    journal: str | os.PathLike[str] | None = None,
+    journal_key: str = "",
+    journal_every: int = 16,
 ) -> pd.DataFrame:
     """Evaluate a model on benchmark tasks; one row per item.
 
@@ -170,6 +217,16 @@ def evaluate(
         progress: show progress bars (only when ``lm`` is a loaded model).
         num_fewshot: override every task's number of shots.
         source: ``"packaged"`` (default, offline) or ``"hub"`` (``datasets.load_dataset``).
+        journal: a folder in which finished items are recorded every
+            ``journal_every`` items (:mod:`~editkit.benchmarks.journal`); a rerun
+            with the same folder evaluates only the items not yet recorded. The
+            caller removes the folder once the result is saved.
+        journal_key: what the recorded rows depend on beyond the task and its
+            prompts: the model, and for an edited model its weights. A journal
+            with another key is set aside and the task starts over.
+        journal_every: items per slice when journaling. Slices batch
+            separately, so scores can differ from an unjournaled run in float
+            round-off.
 
     Returns:
         A frame with the columns of :data:`COLUMNS` (``prompt`` is the exact
@@ -183,10 +240,15 @@ def evaluate(
 
     Raises:
         UnknownTaskError: a task name is not registered.
+        ValueError: ``journal_every`` is not positive.
     """
+    if journal_every < 1:
+        raise ValueError(f"journal_every must be a positive number of items, got {journal_every}")
     specs = [_resolve(t) for t in ([tasks] if isinstance(tasks, (str, TaskSpec)) else tasks)]
     model = lm if isinstance(lm, LanguageModel) else Engine(lm, batch_size=batch_size, progress=progress)
-    rows = [row for spec in specs for row in _run_task(model, spec, limit, num_fewshot, source)]
+    folder = None if journal is None else Path(journal)
+    rows = [row for spec in specs for row in _run_task(model, spec, limit, num_fewshot, source, folder,
+                                                         journal_key, journal_every, progress)]
     frame = pd.DataFrame(rows)
     if frame.empty:
         return pd.DataFrame(columns=list(COLUMNS))
