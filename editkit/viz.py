@@ -67,6 +67,11 @@ def _color(field: str, domain: Sequence[str], title: str) -> alt.Color:
     )
 
 
+def _band_opacity(n_runs: int, single: float) -> float:
+    # Overlapping CI bands of many runs turn to mud: fainter the more runs share a panel.
+    return single if n_runs <= 1 else max(0.04, min(single, 0.3 / n_runs))
+
+
 def _ordered(values: Iterable[str], preferred: Sequence[str] | None = None) -> list[str]:
     seen = list(dict.fromkeys(values))
     if preferred is None:
@@ -88,7 +93,10 @@ def score_curves(
             value, ci_low, ci_high, n, status).
         tasks: tasks to draw, in panel order. Default: every task except the
             per-subject ``"mmlu/<subject>"`` breakdowns.
-        metrics: metrics to draw, in panel order. Default: all present.
+        metrics: metrics to draw, in panel order. Default: all present, except
+            failure rates (:data:`NON_SCORE_METRICS`) that are 0 at every
+            checkpoint of every run, such as format failures of a likelihood-scored
+            task: a flat line at 0 is said once in the subtitle instead.
         chance: chance level by task (default :data:`CHANCE_LEVELS`), drawn as a dashed
             rule in every panel of that task except failure-rate metrics.
         columns: panels per row.
@@ -103,8 +111,15 @@ def score_curves(
         frame = frame[~frame["task"].astype(str).str.contains("/")]
     else:
         frame = frame[frame["task"].isin(tasks)]
+    never_failed: list[str] = []
     if metrics is not None:
         frame = frame[frame["metric"].isin(metrics)]
+    else:
+        failure = frame["metric"].isin(NON_SCORE_METRICS)
+        values = frame[failure].groupby(["task", "metric"])["value"]
+        flat = {key for key, v in values if v.notna().any() and (v.dropna() == 0).all()}
+        never_failed = sorted({metric for _, metric in flat})
+        frame = frame[[(t, m) not in flat for t, m in zip(frame["task"], frame["metric"])]]
     if frame.empty:
         raise ValueError(f"no score rows to draw for tasks={tasks!r} metrics={metrics!r}")
 
@@ -145,7 +160,7 @@ def score_curves(
     scored = base.transform_filter("isValid(datum.value) && !datum.collapsed")
     band = (
         base.transform_filter("isValid(datum.ci_low) && isValid(datum.ci_high) && !datum.collapsed")
-        .mark_area(opacity=0.18)
+        .mark_area(opacity=_band_opacity(frame["run_id"].nunique(), 0.18))
         .encode(y=alt.Y("ci_low:Q", title="score"), y2="ci_high:Q", color=color, **series)
     )
     line = scored.mark_line(strokeWidth=1.8).encode(y=alt.Y("value:Q", title="score"), color=color, **series)
@@ -178,38 +193,64 @@ def score_curves(
         .properties(
             title=alt.TitleParams(
                 "General abilities vs number of sequential edits",
-                subtitle="band: 95% CI · dashed: chance level · red ✕: collapsed checkpoint (no score)",
+                subtitle="band: 95% CI · dashed: chance level · red ✕: collapsed checkpoint (no score)"
+                + (f" · {', '.join(never_failed)}: 0 throughout, not drawn" if never_failed else ""),
             )
         )
     )
 
 
-def edit_quality_curves(edit_quality: pd.DataFrame) -> alt.FacetChart:
+def edit_quality_curves(edit_quality: pd.DataFrame, convention: str | None = None) -> alt.FacetChart:
     """Reliability, generalisation and locality against the number of edits.
+
+    Two layouts, chosen by how many runs are drawn:
+
+    * **One run** (one method on one model): colour is the metric; rows are the
+      scope (``latest`` = the edits of the last step, ``retention`` = every edit
+      so far) and columns the scoring convention (``prob`` = P(new) > P(true),
+      ``token`` = teacher-forced token accuracy).
+    * **Several runs**: colour is the method (``model · method`` when several
+      models are drawn), so curves of ten editors stay apart; rows are the
+      metric and columns the scope, for one convention.
 
     Args:
         edit_quality: ``StudyResult.edit_quality`` (run_id, model, method, n_edits,
             scope, metric, convention, value, ci_low, ci_high, n).
+        convention: draw only this convention. Default: both for one run,
+            ``"prob"`` (the study's) for several.
 
-    Returns:
-        A chart faceted by scope (rows: ``latest`` = the edits of the last step,
-        ``retention`` = every edit so far) and scoring convention (columns: ``prob`` =
-        P(new) > P(true), ``token`` = teacher-forced token accuracy); coloured by metric,
-        dashed by method (and model) when there are several.
+    Raises:
+        ValueError: no rows, or ``convention`` is not in them.
     """
     if edit_quality.empty:
         raise ValueError("no edit-quality rows to draw")
     frame = edit_quality[
         ["run_id", "model", "method", "n_edits", "scope", "metric", "convention", "value", "ci_low", "ci_high", "n"]
-    ].sort_values(["scope", "convention", "run_id", "metric", "n_edits"]).reset_index(drop=True)
+    ].copy()
+    several_models = frame["model"].nunique() > 1
+    several_runs = frame["run_id"].nunique() > 1
+    if convention is None and several_runs:
+        convention = "prob"
+    if convention is not None:
+        if convention not in set(frame["convention"]):
+            raise ValueError(f"convention {convention!r} not among {sorted(set(frame['convention']))}")
+        frame = frame[frame["convention"] == convention]
+    frame["series"] = frame["model"] + " · " + frame["method"] if several_models else frame["method"]
+    frame = frame.sort_values(["scope", "convention", "run_id", "metric", "n_edits"]).reset_index(drop=True)
     metrics = _ordered(frame["metric"], ["reliability", "generalization", "locality"])
+    if several_runs:
+        color = _color("series", sorted(frame["series"].unique()), "model · method" if several_models else "method")
+        facets = {"row": alt.Row("metric:N", title=None, sort=metrics),
+                  "column": alt.Column("scope:N", title="scope", sort=["latest", "retention"])}
+        subtitle = (f"{convention} convention · latest: the edits of the last step · "
+                    "retention: every edit so far · band: 95% CI")
+    else:
+        color = _color("metric", metrics, "metric")
+        facets = {"row": alt.Row("scope:N", title="scope", sort=["latest", "retention"]),
+                  "column": alt.Column("convention:N", title="convention", sort=["prob", "token"])}
+        subtitle = "latest: the edits of the last step · retention: every edit so far · band: 95% CI"
     x = _x_axis(frame["n_edits"])
-    color = _color("metric", metrics, "metric")
-    series: dict = {"detail": "run_id:N"}
-    if frame["method"].nunique() > 1 or frame["model"].nunique() > 1:
-        several_models = frame["model"].nunique() > 1
-        frame["series"] = frame["model"] + " · " + frame["method"] if several_models else frame["method"]
-        series["strokeDash"] = alt.StrokeDash("series:N", title="model · method" if several_models else "method")
+    series = {"detail": "run_id:N"}
     y = alt.Y("value:Q", title="rate", scale=alt.Scale(domain=[0, 1]))
     tooltip = [
         alt.Tooltip("model:N"), alt.Tooltip("method:N"), alt.Tooltip("n_edits:Q", title="edits"),
@@ -220,7 +261,7 @@ def edit_quality_curves(edit_quality: pd.DataFrame) -> alt.FacetChart:
     base = alt.Chart().encode(x=x)
     band = (
         base.transform_filter("isValid(datum.ci_low) && isValid(datum.ci_high)")
-        .mark_area(opacity=0.15)
+        .mark_area(opacity=_band_opacity(frame["run_id"].nunique(), 0.15))
         .encode(y=alt.Y("ci_low:Q", title="rate", scale=alt.Scale(domain=[0, 1])), y2="ci_high:Q",
                 color=color, **series)
     )
@@ -228,14 +269,8 @@ def edit_quality_curves(edit_quality: pd.DataFrame) -> alt.FacetChart:
     line = valid.mark_line(strokeWidth=1.8).encode(y=y, color=color, **series)
     points = valid.mark_point(filled=True, size=36).encode(y=y, color=color, tooltip=tooltip)
     layered = alt.layer(band, line, points, data=frame).properties(width=_PANEL_WIDTH, height=_PANEL_HEIGHT)
-    return layered.facet(
-        row=alt.Row("scope:N", title="scope", sort=["latest", "retention"]),
-        column=alt.Column("convention:N", title="convention", sort=["prob", "token"]),
-    ).properties(
-        title=alt.TitleParams(
-            "Edit quality vs number of sequential edits",
-            subtitle="latest: the edits of the last step · retention: every edit so far · band: 95% CI",
-        )
+    return layered.facet(**facets).properties(
+        title=alt.TitleParams("Edit quality vs number of sequential edits", subtitle=subtitle)
     )
 
 

@@ -141,6 +141,15 @@ def test_score_curves_data(result):
     assert pd.isna(chance[("gsm8k", "exact_match")]) and pd.isna(chance[("gsm8k", "unusable_rate")])
 
 
+def test_score_curves_leave_out_failure_rates_that_never_rise(result):
+    zeros = result.scores[result.scores["metric"] == "acc"].assign(metric="format_failure_rate", value=0.0)
+    spec = score_curves(pd.concat([result.scores, zeros])).to_dict()
+    assert "format_failure_rate" not in set(_data(spec)["metric"])
+    assert "format_failure_rate: 0 throughout, not drawn" in spec["title"]["subtitle"]
+    asked = _data(score_curves(pd.concat([result.scores, zeros]), metrics=["format_failure_rate"]).to_dict())
+    assert set(asked["metric"]) == {"format_failure_rate"}, "drawn when asked for"
+
+
 def test_score_curves_selection(result):
     data = _data(score_curves(result.scores, tasks=["mmlu/anatomy", "mmlu_cloze"], metrics=["acc"]).to_dict())
     assert set(data["panel"]) == {"mmlu/anatomy · acc", "mmlu_cloze · acc"}
@@ -158,21 +167,36 @@ def test_score_curves_marks_several_models(result):
     assert line["encoding"]["detail"]["field"] == "run_id"
 
 
-def test_edit_quality_curves(result):
+def test_edit_quality_curves_of_several_runs_colour_by_method(result):
     spec = edit_quality_curves(result.edit_quality).to_dict()
-    assert spec["facet"]["row"]["field"] == "scope"
-    assert spec["facet"]["column"]["field"] == "convention"
+    assert spec["facet"]["row"]["field"] == "metric"
+    assert spec["facet"]["column"]["field"] == "scope"
     layers = _layers(spec)
     marks = [_mark(layer)["type"] for layer in layers]
     band = layers[marks.index("area")]
     assert band["encoding"]["y2"]["field"] == "ci_high"
     line = layers[marks.index("line")]
-    assert line["encoding"]["color"]["field"] == "metric"
-    assert line["encoding"]["color"]["scale"]["domain"] == ["reliability", "generalization", "locality"]
+    assert line["encoding"]["color"]["field"] == "series"
+    assert line["encoding"]["color"]["scale"]["domain"] == ["memit", "rome"]
     assert line["encoding"]["x"]["scale"]["type"] == "symlog"
-    assert line["encoding"]["strokeDash"]["field"] == "series"  # two methods
+    data = next(iter(spec["datasets"].values()))
+    assert {row["convention"] for row in data} == {"prob"}, "the study's convention unless asked"
+    token = next(iter(edit_quality_curves(result.edit_quality, convention="token").to_dict()["datasets"].values()))
+    assert {row["convention"] for row in token} == {"token"}
+    with pytest.raises(ValueError, match="convention 'tokens'"):
+        edit_quality_curves(result.edit_quality, convention="tokens")
     with pytest.raises(ValueError):
         edit_quality_curves(result.edit_quality.iloc[:0])
+
+
+def test_edit_quality_curves_of_one_run_colour_by_metric(result):
+    one = result.edit_quality[result.edit_quality["run_id"] == "run-memit"]
+    spec = edit_quality_curves(one).to_dict()
+    assert spec["facet"]["row"]["field"] == "scope"
+    assert spec["facet"]["column"]["field"] == "convention"
+    line = _layers(spec)[[_mark(layer)["type"] for layer in _layers(spec)].index("line")]
+    assert line["encoding"]["color"]["field"] == "metric"
+    assert line["encoding"]["color"]["scale"]["domain"] == ["reliability", "generalization", "locality"]
 
 
 def test_save_chart_writes_html_and_png(result, tmp_path):
