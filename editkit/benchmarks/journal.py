@@ -124,8 +124,3 @@ class ItemJournal:
                 handle.write(json.dumps(row, default=_plain, allow_nan=True) + "\n")
             handle.flush()
             os.fsync(handle.fileno())
-
-    def discard(self) -> None:
-        """Remove the journal (once its rows are saved elsewhere)."""
-        self.path.unlink(missing_ok=True)
-
