@@ -18,19 +18,29 @@ from typing import Any
 
 import torch
 
-__all__ = ["data_root", "list_files", "read_bytes", "read_text", "checksum", "sha256_file", "atomic_torch_save", "ChecksumError"]
+__all__ = ["data_root", "list_files", "read_bytes", "read_text", "checksum", "sha256_file", "atomic_torch_save",
+           "atomic_write_text", "ChecksumError"]
 
 
 class ChecksumError(RuntimeError):
     """A packaged file does not match its recorded SHA-256."""
 
 
-def atomic_torch_save(obj: Any, path: str | Path) -> None:
-    """``torch.save`` to ``path`` through a temporary file, so the file is complete or absent."""
+def _atomic(path: str | Path, write: Any) -> None:
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
+    write(tmp)
     os.replace(tmp, path)
+
+
+def atomic_torch_save(obj: Any, path: str | Path) -> None:
+    """``torch.save`` to ``path`` through a temporary file, so the file is complete or absent."""
+    _atomic(path, lambda tmp: torch.save(obj, tmp))
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file, so the file is complete or absent."""
+    _atomic(path, lambda tmp: tmp.write_text(text))
 
 
 def sha256_file(path: str | Path) -> str:

@@ -56,6 +56,7 @@ from tqdm.auto import tqdm
 
 from .config import Params
 from .editing import EditCollapseError, EditSession
+from .resources import atomic_write_text
 
 __all__ = ["StudyConfig", "StudyResult", "run_study", "load_study", "DEFAULT_CHECKPOINTS", "run_id_for", "write_items"]
 
@@ -179,9 +180,7 @@ def _versions() -> dict[str, str]:
 
 
 def _write_json(path: Path, payload: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str))
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(payload, indent=2, sort_keys=True, default=str))
 
 
 # -- one run ------------------------------------------------------------------------

@@ -27,6 +27,7 @@ import torch
 
 from editkit import load_model
 from editkit.benchmarks import aggregate, evaluate, list_tasks
+from editkit.benchmarks.journal import journal_path
 from editkit.runs import write_items
 
 log = logging.getLogger("baseline_scores")
@@ -52,7 +53,7 @@ def run_tasks(lm, tasks: list[str], limit: int | None, out: Path, batch_size: in
         tmp = path.with_suffix(".tmp")
         write_items(items, tmp)
         tmp.replace(path)
-        (out / "partial" / f"{task}.jsonl").unlink(missing_ok=True)
+        journal_path(out / "partial", task).unlink(missing_ok=True)
         timings_path.write_text(json.dumps(timings, indent=1, sort_keys=True))
         log.info("%s: %d items in %.0f s", task, len(items), timings[task])
     return timings

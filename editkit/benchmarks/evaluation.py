@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from .engine import Engine, LanguageModel
 from .extract import is_degenerate
-from .journal import ItemJournal, journal_header
+from .journal import ItemJournal, journal_header, journal_path
 from .spec import Doc, TaskSpec
 from .tasks import get_task
 
@@ -147,12 +147,7 @@ def build_requests(spec: TaskSpec, limit: int | None = None, num_fewshot: int | 
 
 
 def _ask(model: LanguageModel, task: TaskRequests) -> list[dict[str, Any]]:
-    flat = task.flat
-    start = time.perf_counter()
-    responses = getattr(model, task.spec.kind)(flat)
-    log.debug("%s: %d items (%d requests) in %.1f s", task.spec.name, len(task.docs), len(flat),
-              time.perf_counter() - start)
-    return task.rows(responses)
+    return task.rows(getattr(model, task.spec.kind)(task.flat))
 
 
 @contextlib.contextmanager
@@ -175,11 +170,11 @@ def _run_task(model: LanguageModel, spec: TaskSpec, limit: int | None, num_fewsh
     if journal is None:
         start = time.perf_counter()
         rows = _ask(model, task)
-        log.info("%s: %d items (%d requests) in %.1f s", spec.name, len(task.docs), len(task.flat),
-                 time.perf_counter() - start)
+        log.info("%s: %d items (%d requests) in %.1f s", spec.name, len(task.docs),
+                 sum(len(requests) for requests in task.requests), time.perf_counter() - start)
         return rows
     header = journal_header(spec.name, spec.version, task.num_fewshot, task.prompts, journal_key)
-    record = ItemJournal(journal / f"{spec.name.replace('/', '--')}.jsonl", header)
+    record = ItemJournal(journal_path(journal, spec.name), header)
     rows = record.load([doc.item_id for doc in task.docs])
     with tqdm(total=len(task.docs), initial=len(rows), desc=spec.name, unit="item",
               disable=not progress) as bar, _inner_bars_off(model):

@@ -27,11 +27,18 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["ItemJournal", "journal_header"]
+from ..resources import atomic_write_text
+
+__all__ = ["ItemJournal", "journal_header", "journal_path"]
 
 log = logging.getLogger(__name__)
 
 FORMAT = 1
+
+
+def journal_path(folder: str | os.PathLike[str], task: str) -> Path:
+    """The journal file of ``task`` in ``folder``."""
+    return Path(folder) / f"{task.replace('/', '--')}.jsonl"
 
 
 def journal_header(task: str, version: Any, num_fewshot: int, prompts: Sequence[str], key: str) -> dict[str, Any]:
@@ -77,12 +84,9 @@ class ItemJournal:
                 rows must be the first of them; anything else voids the journal.
         """
         rows = self._read(item_ids)
-        tmp = self.path.with_name(self.path.name + ".tmp")
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with tmp.open("w") as handle:
-            for record in [self.header, *rows]:
-                handle.write(json.dumps(record, default=_plain) + "\n")
-        os.replace(tmp, self.path)
+        lines = [json.dumps(record, default=_plain) + "\n" for record in [self.header, *rows]]
+        atomic_write_text(self.path, "".join(lines))
         return rows
 
     def _read(self, item_ids: Sequence[str]) -> list[dict[str, Any]]:
