@@ -465,3 +465,15 @@ def test_evaluate_with_auto_batch_size(tiny):
     fixed = evaluate(tiny, "mmlu", limit=3, num_fewshot=1, batch_size=1, progress=False)
     assert list(items["prediction"]) == list(fixed["prediction"])
     assert np.allclose(np.array(list(items["logprobs"])), np.array(list(fixed["logprobs"])), atol=1e-4)
+
+
+def test_memory_budget_asks_the_device_backend_or_system_memory(monkeypatch):
+    import psutil
+
+    from editkit.benchmarks.passes import memory_budget
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (1000, 4000))
+    assert memory_budget(torch.device("cuda", 0)) == 800, "0.8 of what the backend reports free"
+    assert memory_budget(torch.device("cuda", 0), fraction=0.5) == 500
+    available = psutil.virtual_memory().available
+    assert abs(memory_budget(torch.device("cpu")) - available // 2) < 0.05 * available

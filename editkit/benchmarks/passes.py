@@ -245,12 +245,14 @@ def bytes_per_sequence(config: object, element_size: int, length: int, logit_pos
 def memory_budget(device: torch.device, fraction: float | None = None) -> int:
     """Bytes that evaluation may use on ``device``.
 
-    On CUDA: ``fraction`` (default 0.8) of the free device memory reported by
-    the driver, the loaded model already excluded. Elsewhere (CPU, MPS):
-    ``fraction`` (default 0.5) of the available system memory.
+    On an accelerator whose torch backend reports free memory (``torch.<type>.mem_get_info``:
+    CUDA, XPU): ``fraction`` (default 0.8) of the free device memory, the loaded
+    model already excluded. Elsewhere (CPU, MPS's unified memory): ``fraction``
+    (default 0.5) of the available system memory.
     """
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
+    free_memory = getattr(getattr(torch, device.type, None), "mem_get_info", None)
+    if free_memory is not None:
+        free, _ = free_memory(device)
         return int(free * (0.8 if fraction is None else fraction))
     import psutil  # a dependency of accelerate
 
