@@ -7,6 +7,8 @@ Speed targets live here, not in the tests. Example (about 10 minutes on 2 CPU co
 ``--compare-sharing`` also times each task without shared few-shot prefixes
 (:attr:`editkit.benchmarks.Engine.share_prefix`) and, for likelihood tasks,
 without any sharing (``share_context`` off too), to show what sharing saves.
+``--compare-journal`` also times each task with an item journal (``evaluate(...,
+journal=...)`` into a fresh temporary folder), to show what per-item resume costs.
 Results go to ``--out`` as JSON (rates) and CSV (items, metrics).
 
 Timing on a shared 2-core machine: when other processes keep a core busy, two
@@ -20,6 +22,7 @@ import argparse
 import json
 import logging
 import os
+import tempfile
 import time
 from pathlib import Path
 
@@ -48,6 +51,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=None, help="override generation budgets")
     parser.add_argument("--compare-sharing", action="store_true")
+    parser.add_argument("--compare-journal", action="store_true")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--out", type=Path, default=Path("results/bench_engine"))
     args = parser.parse_args(argv)
@@ -65,17 +69,20 @@ def main(argv: list[str] | None = None) -> dict:
         spec = get_task(name)
         if args.max_new_tokens is not None and spec.kind == "generate_until":
             spec = spec.with_options(max_new_tokens=args.max_new_tokens)
-        modes = {name: (True, True)}
+        modes = {name: (True, True, False)}
         if args.compare_sharing:
-            modes[f"{name} (no prefix sharing)"] = (True, False)
+            modes[f"{name} (no prefix sharing)"] = (True, False, False)
             if spec.kind == "loglikelihood":
-                modes[f"{name} (no sharing)"] = (False, False)
-        for key, (share_context, share_prefix) in modes.items():
+                modes[f"{name} (no sharing)"] = (False, False, False)
+        if args.compare_journal:
+            modes[f"{name} (journaled)"] = (True, True, True)
+        for key, (share_context, share_prefix, journaled) in modes.items():
             engine = Engine(lm, batch_size=args.batch_size, progress=False)
             engine.share_context, engine.share_prefix = share_context, share_prefix
-            start = time.perf_counter()
-            items = evaluate(engine, spec, limit=limit)
-            elapsed = time.perf_counter() - start
+            with tempfile.TemporaryDirectory() as folder:
+                start = time.perf_counter()
+                items = evaluate(engine, spec, limit=limit, progress=False, journal=folder if journaled else None)
+                elapsed = time.perf_counter() - start
             rates[key] = {"items": len(items), "seconds": round(elapsed, 2),
                           "items_per_second": round(len(items) / elapsed, 3),
                           "load_average": round(os.getloadavg()[0], 2)}
