@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.command == "train":
         from .models import load_model
-        from .training import train_editor
+        from .editors.trainer import train_editor
 
         overrides = {}
         for item in args.set:

@@ -15,12 +15,17 @@ import hashlib
 import json
 import typing
 from collections.abc import Mapping
+from importlib import resources
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import yaml
 
-__all__ = ["Params", "UnknownParameterError", "load_yaml", "check_keys"]
+if TYPE_CHECKING:
+    from .models import LoadedModel
+    from .modelinfo import ModelInfo
+
+__all__ = ["Params", "UnknownParameterError", "load_yaml", "check_keys", "model_overrides", "packaged_params"]
 
 P = TypeVar("P", bound="Params")
 
@@ -53,6 +58,27 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
     return data
+
+
+def model_overrides(name: str, lm: LoadedModel | ModelInfo) -> dict[str, Any]:
+    """Packaged per-model overrides for editor ``name`` (empty if none).
+
+    ``editkit/configs/<name>.yaml`` keys them under ``models`` by the model's catalog
+    name or hub id, else under ``model_types`` by its ``config.model_type``.
+    """
+    path = resources.files("editkit") / "configs" / f"{name.lower()}.yaml"
+    if not path.is_file():
+        return {}
+    table = load_yaml(str(path))
+    by_model = (table.get("models") or {}).get(lm.name)
+    if by_model is not None:
+        return dict(by_model)
+    return dict((table.get("model_types") or {}).get(lm.model_type) or {})
+
+
+def packaged_params(cls: type[P], name: str, lm: LoadedModel | ModelInfo) -> P:
+    """``cls``'s published defaults with editor ``name``'s packaged overrides for ``lm``."""
+    return cls().replace(where=f"editkit/configs/{name}.yaml", **model_overrides(name, lm))
 
 
 def _coerce(value: Any, annotation: Any, name: str) -> Any:

@@ -14,15 +14,18 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from .models import LoadedModel
 
 __all__ = ["sample_texts", "iter_corpus", "corpus_key"]
 
 
 @torch.no_grad()
-def sample_texts(lm: Any, n: int, max_new_tokens: int, seed: int, top_k: int = 5,
+def sample_texts(lm: LoadedModel, n: int, max_new_tokens: int, seed: int, top_k: int = 5,
                  batch_size: int = 32) -> list[str]:
     """``n`` texts sampled from the model (top-k sampling) from its start token.
 
@@ -62,7 +65,7 @@ def _local_texts(path: Path) -> Iterator[str]:
                 yield block.strip()
 
 
-def iter_corpus(source: str, lm: Any, n_samples: int, seed: int = 0,
+def iter_corpus(source: str, lm: LoadedModel, n_samples: int, seed: int = 0,
                 sample_length: int = 128) -> Iterator[str]:
     """Yield up to ``n_samples`` texts from ``source`` (see module docstring)."""
     if source == "model_samples":

@@ -15,16 +15,23 @@ malformed record past the prefix that is used never raises. Targets are stripped
 surrounding whitespace: :class:`EditRequest` stores them without the leading space that
 GPT-style tokenisation wants; adding it is left to the code that tokenises targets.
 
+A registry names the packaged edit datasets (:func:`list_edit_datasets`,
+:func:`edit_dataset`): each :class:`EditDataset` says how a study loads it
+(:func:`load_edit_requests`), which splits exist, and what trained editors fit on
+and which files identify that training data. The record formats live in
+:mod:`editkit.record_formats`.
+
 Nothing is read at import time; :mod:`datasets` (Hugging Face) is imported only for
 ``hf:`` sources.
 """
 
 from __future__ import annotations
 
+import difflib
 import json
 import logging
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -32,9 +39,18 @@ from typing import Any, Literal
 import numpy as np
 
 from editkit import resources
+from editkit.record_formats import detect_counterfact, from_mend, from_rome
 from editkit.types import EditRequest, InvalidRequestError
 
-__all__ = ["load_counterfact", "load_zsre", "data_checksums"]
+__all__ = [
+    "load_counterfact",
+    "load_zsre",
+    "data_checksums",
+    "EditDataset",
+    "edit_dataset",
+    "list_edit_datasets",
+    "load_edit_requests",
+]
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +62,6 @@ _PACKAGED: dict[str, dict[str, str]] = {
     },
     "zsre": {"eval": "zsre/zsre_mend_eval.first1000.json", "train": "zsre/zsre_mend_train-1k.json"},
 }
-_MISSING = object()
 _N_SKIPPED_SHOWN = 5
 
 
@@ -107,151 +122,6 @@ def _read_records(source: _Source, split: str) -> list[Any]:
 
     rows = datasets.load_dataset(source.location, split=split, revision=source.revision)
     return list(rows)
-
-
-# Record access shared by the three mappings
-
-
-class _Fields:
-    """Typed access to one raw record; every error names the record and the offending key."""
-
-    def __init__(self, record: Any, index: int, label: str, case_id: Any = _MISSING) -> None:
-        if case_id is _MISSING:
-            case_id = record.get("case_id", index) if isinstance(record, Mapping) else index
-        self.case_id = case_id
-        self.record_id = f"record {index} (case_id {case_id!r})"
-        self.where = f"{label}: {self.record_id}"
-        if not isinstance(record, Mapping):
-            raise self.error(f"expected a JSON object, got {type(record).__name__}")
-        self.record = record
-
-    def error(self, message: str) -> InvalidRequestError:
-        """An error naming the source and record; ``.record_id`` lets a skip report list ids."""
-        exc = InvalidRequestError(f"{self.where}: {message}")
-        exc.record_id = self.record_id  # type: ignore[attr-defined]
-        return exc
-
-    def get(self, path: str, default: Any = _MISSING) -> Any:
-        """Value at a dotted ``path``; None counts as missing (Hub rows fill absent fields with None)."""
-        value: Any = self.record
-        for depth, key in enumerate(path.split(".")):
-            if not isinstance(value, Mapping):
-                parent = ".".join(path.split(".")[:depth])
-                raise self.error(f"field {parent!r} must be an object")
-            value = value.get(key)
-            if value is None:
-                if default is _MISSING:
-                    raise self.error(f"missing key {path!r}")
-                return default
-        return value
-
-    def text(self, path: str, default: Any = _MISSING) -> Any:
-        """A string field (or ``default`` when absent)."""
-        value = self.get(path, default)
-        if value is not default and not isinstance(value, str):
-            raise self.error(f"field {path!r} must be a string, got {type(value).__name__}")
-        return value
-
-    def target(self, path: str, default: Any = _MISSING) -> Any:
-        """A non-empty target string without surrounding whitespace (upstream zsRE has leading spaces)."""
-        value = self.text(path, default)
-        if value is default:
-            return value
-        if not value.strip():
-            raise self.error(f"field {path!r} is an empty target")
-        return value.strip()
-
-    def texts(self, path: str) -> tuple[str, ...]:
-        """A string or list of strings as a tuple; absent gives ``()``."""
-        value = self.get(path, ())
-        if isinstance(value, str):
-            return (value,)
-        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
-            raise self.error(f"field {path!r} must be a string or a list of strings")
-        return tuple(value)
-
-    def request(self, **fields: Any) -> EditRequest:
-        """Build the request, prefixing any validation error with the record's location."""
-        try:
-            return EditRequest(case_id=self.case_id, **fields)
-        except InvalidRequestError as exc:
-            raise self.error(str(exc)) from None
-
-
-# Mappings: one raw record -> EditRequest
-
-
-def _from_easyedit(record: Any, index: int, label: str = "record") -> EditRequest:
-    """EasyEdit CounterFact: prompt, subject, target_new, ground_truth, rephrase/locality fields."""
-    f = _Fields(record, index, label)
-    return f.request(
-        prompt=f.text("prompt"),
-        subject=f.text("subject"),
-        target_new=f.target("target_new"),
-        target_true=f.target("ground_truth", None),
-        rephrase_prompts=f.texts("rephrase_prompt"),
-        locality_prompts=f.texts("locality_prompt"),
-        locality_answers=tuple(a.strip() for a in f.texts("locality_ground_truth")),
-    )
-
-
-def _from_rome(record: Any, index: int, label: str = "record") -> EditRequest:
-    """ROME ``counterfact.json`` (also the Hub export ``azhx/counterfact``).
-
-    Neighbourhood prompts share the subject's true object, so each gets ``target_true`` as
-    its locality answer, as in ROME's neighbourhood score.
-    """
-    f = _Fields(record, index, label)
-    template = f.text("requested_rewrite.prompt")
-    subject = f.text("requested_rewrite.subject")
-    try:
-        prompt = template.format(subject)
-    except (IndexError, KeyError, ValueError) as exc:
-        raise f.error(f"field 'requested_rewrite.prompt' is not a '{{}}' template ({exc!r}): {template!r}") from None
-    target_true = f.target("requested_rewrite.target_true.str", None)
-    neighborhood = f.texts("neighborhood_prompts")
-    metadata = {
-        "relation_id": f.text("requested_rewrite.relation_id", None),
-        "target_new_id": f.get("requested_rewrite.target_new.id", None),
-        "target_true_id": f.get("requested_rewrite.target_true.id", None),
-        "pararel_idx": f.get("pararel_idx", None),
-        "attribute_prompts": f.texts("attribute_prompts"),
-        "generation_prompts": f.texts("generation_prompts"),
-    }
-    return f.request(
-        prompt=prompt,
-        subject=subject,
-        target_new=f.target("requested_rewrite.target_new.str"),
-        target_true=target_true,
-        rephrase_prompts=f.texts("paraphrase_prompts"),
-        locality_prompts=neighborhood,
-        locality_answers=(target_true,) * len(neighborhood) if target_true else (),
-        metadata={k: v for k, v in metadata.items() if v is not None},
-    )
-
-
-def _from_mend(record: Any, index: int, label: str = "record") -> EditRequest:
-    """MEND-format zsRE: src, subject, alt, answers, rephrase, loc, loc_ans (pred, cond kept)."""
-    f = _Fields(record, index, label, case_id=index)
-    answers = f.get("answers")
-    if not isinstance(answers, (list, tuple)) or not answers or not all(isinstance(a, str) for a in answers):
-        raise f.error("field 'answers' must be a non-empty list of strings")
-    return f.request(
-        prompt=f.text("src"),
-        subject=f.text("subject"),
-        target_new=f.target("alt"),
-        target_true=answers[0].strip(),
-        rephrase_prompts=f.texts("rephrase"),
-        locality_prompts=f.texts("loc"),
-        locality_answers=tuple(a.strip() for a in f.texts("loc_ans")),
-        metadata={"pred": f.text("pred", None), "cond": f.text("cond", None), "answers": tuple(answers)},
-    )
-
-
-def _detect_counterfact(records: Sequence[Any]) -> Callable[[Any, int, str], EditRequest]:
-    """ROME records carry ``requested_rewrite``; anything else is read as EasyEdit format."""
-    first = records[0] if records else {}
-    return _from_rome if isinstance(first, Mapping) and "requested_rewrite" in first else _from_easyedit
 
 
 # The shared driver
@@ -340,7 +210,7 @@ def load_counterfact(
     """
     src = _resolve("counterfact", split, source)
     records = _read_records(src, split)
-    mapping = _from_rome if src.kind == "hub" else _detect_counterfact(records)
+    mapping = from_rome if src.kind == "hub" else detect_counterfact(records)
     return _convert(records, mapping, src.label, n, shuffle_seed, on_invalid)
 
 
@@ -392,14 +262,14 @@ def load_zsre(
         InvalidRequestError: a record is malformed (see :func:`load_counterfact`).
     """
     src = _resolve("zsre", split, source)
-    return _convert(_read_records(src, split), _from_mend, src.label, n, shuffle_seed, on_invalid)
+    return _convert(_read_records(src, split), from_mend, src.label, n, shuffle_seed, on_invalid)
 
 
 def data_checksums(dataset: str, split: str, source: str | os.PathLike = "packaged") -> dict[str, str]:
     """Identify the bytes a load with the same arguments reads, for a run manifest.
 
     Args:
-        dataset: ``"counterfact"`` or ``"zsre"``.
+        dataset: a name of :func:`list_edit_datasets`.
         split: as passed to the loader.
         source: as passed to the loader.
 
@@ -416,3 +286,112 @@ def data_checksums(dataset: str, split: str, source: str | os.PathLike = "packag
     if src.kind == "file":
         return {src.location: resources.sha256_file(src.location)}
     return {f"hf:{src.location}": src.revision or "unpinned"}
+
+
+# The registry of edit datasets
+
+TrainVal = tuple[list[EditRequest], list[EditRequest]]
+
+
+@dataclass(frozen=True)
+class EditDataset:
+    """A packaged edit dataset: how an edit study loads it and how trained editors train on it.
+
+    Attributes:
+        name: the registry name (a study's ``dataset``, ``train_data`` of MEND and SERAC).
+        loader: :func:`load_counterfact` or :func:`load_zsre`, called as
+            ``loader(split, n, shuffle_seed=..., on_invalid=...)``.
+        splits: the packaged split names.
+        eval_split: the split edit studies draw their requests from.
+        train_val: ``(n_train, n_val) -> (train, val)``, the requests trained editors fit
+            and validate on (``None`` takes every record of a part).
+        training_splits: the splits whose files identify the training data
+            (:meth:`training_checksums`, the digest in a trained artifact's name).
+    """
+
+    name: str
+    loader: Callable[..., list[EditRequest]]
+    splits: tuple[str, ...]
+    eval_split: str
+    train_val: Callable[[int | None, int | None], TrainVal]
+    training_splits: tuple[str, ...]
+
+    def requests(self, split: str, n: int | None = None, *, shuffle_seed: int | None = None,
+                 on_invalid: OnInvalid = "raise") -> list[EditRequest]:
+        """The first ``n`` requests of packaged ``split`` (``on_invalid`` as in :func:`load_counterfact`)."""
+        return self.loader(split, n, shuffle_seed=shuffle_seed, on_invalid=on_invalid)
+
+    def training_checksums(self) -> dict[str, str]:
+        """:func:`data_checksums` of every training split, merged (reads no records)."""
+        sums: dict[str, str] = {}
+        for split in self.training_splits:
+            sums.update(data_checksums(self.name, split))
+        return sums
+
+
+def _counterfact_train_val(n_train: int | None, n_val: int | None) -> TrainVal:
+    """EasyEdit's train (10,000) and val (1,919) splits."""
+    return load_counterfact("train", n_train), load_counterfact("val", n_val)
+
+
+_ZSRE_N_TRAIN = 900
+
+
+def _zsre_train_val(n_train: int | None, n_val: int | None) -> TrainVal:
+    """The packaged 1,000-record train subset split 900 / 100 (records with an empty target skipped)."""
+    records = load_zsre("train", on_invalid="skip")
+    return records[:_ZSRE_N_TRAIN][:n_train], records[_ZSRE_N_TRAIN:][:n_val]
+
+
+_EDIT_DATASETS: dict[str, EditDataset] = {
+    dataset.name: dataset
+    for dataset in (
+        EditDataset("counterfact", load_counterfact, tuple(_PACKAGED["counterfact"]), "edit",
+                    _counterfact_train_val, ("train", "val")),
+        EditDataset("zsre", load_zsre, tuple(_PACKAGED["zsre"]), "eval", _zsre_train_val, ("train",)),
+    )
+}
+
+
+def list_edit_datasets() -> list[str]:
+    """Names of the registered edit datasets, sorted."""
+    return sorted(_EDIT_DATASETS)
+
+
+def edit_dataset(name: str) -> EditDataset:
+    """The registered edit dataset ``name``.
+
+    Raises:
+        ValueError: ``name`` is not registered; the message lists the known names and
+            suggests close matches.
+    """
+    try:
+        return _EDIT_DATASETS[name]
+    except KeyError:
+        close = difflib.get_close_matches(str(name), list(_EDIT_DATASETS), n=3)
+        hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
+        raise ValueError(
+            f"unknown edit dataset {name!r}{hint} (known: {', '.join(list_edit_datasets())})"
+        ) from None
+
+
+def load_edit_requests(name: str, split: str, n: int | None, *, shuffle_seed: int | None = None,
+                       on_invalid: OnInvalid = "raise") -> list[EditRequest]:
+    """The first ``n`` edit requests of packaged split ``split`` of dataset ``name``.
+
+    A malformed record raises :class:`~editkit.types.InvalidRequestError` naming it;
+    with ``on_invalid="skip"`` it is left out with one logged warning (packaged zsRE has
+    two empty targets per split), so a caller asking for ``n`` should check how many came.
+
+    Args:
+        name: a name of :func:`list_edit_datasets`.
+        split: a packaged split of that dataset (``EditDataset.splits``).
+        n: how many requests; None takes every valid record.
+        shuffle_seed: if given, permute all records with ``numpy.random.default_rng(seed)`` first.
+        on_invalid: ``"raise"`` (default) or ``"skip"``.
+
+    Raises:
+        ValueError: unknown dataset or split.
+        InvalidRequestError: a malformed record, with ``on_invalid="raise"``.
+    """
+    return edit_dataset(name).requests(split, n, shuffle_seed=shuffle_seed, on_invalid=on_invalid)

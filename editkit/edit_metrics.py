@@ -22,7 +22,7 @@ prompt of every request.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -32,12 +32,15 @@ from .benchmarks.metrics import bootstrap_means
 from .tokens import target_text
 from .types import EditRequest
 
+if TYPE_CHECKING:
+    from .models import LoadedModel
+
 __all__ = ["locality_reference", "edit_quality", "summarize_quality", "METRICS"]
 
 METRICS = ("reliability", "generalization", "locality")
 
 
-def _engine(lm_or_engine: Any, batch_size: int = 16) -> Engine:
+def _engine(lm_or_engine: LoadedModel | Engine, batch_size: int = 16) -> Engine:
     return lm_or_engine if isinstance(lm_or_engine, Engine) else Engine(lm_or_engine, batch_size, progress=False)
 
 
@@ -49,7 +52,7 @@ def _token_accuracy(score: ContinuationScore) -> float:
     return float(np.mean([g == t for g, t in zip(score.greedy_tokens, score.target_tokens)]))
 
 
-def locality_reference(lm_or_engine: Any, requests: Sequence[EditRequest]) -> list[list[dict[str, Any]]]:
+def locality_reference(lm_or_engine: LoadedModel | Engine, requests: Sequence[EditRequest]) -> list[list[dict[str, Any]]]:
     """The unedited model's behaviour on each request's locality prompts.
 
     Returns, per request and locality prompt, ``{"greedy": tuple of argmax ids
@@ -73,7 +76,7 @@ def locality_reference(lm_or_engine: Any, requests: Sequence[EditRequest]) -> li
     return reference
 
 
-def edit_quality(lm_or_engine: Any, requests: Sequence[EditRequest],
+def edit_quality(lm_or_engine: LoadedModel | Engine, requests: Sequence[EditRequest],
                  reference: Sequence[Sequence[dict[str, Any] | None]]) -> pd.DataFrame:
     """Per-request edit quality on the model as it is now.
 

@@ -20,13 +20,16 @@ import abc
 import logging
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
 from .config import Params
 from .hooks import get_parameter
 from .types import EditRequest
+
+if TYPE_CHECKING:
+    from .models import LoadedModel
 
 __all__ = ["Editor", "EditHandle", "EditSession", "EditCollapseError"]
 
@@ -35,6 +38,28 @@ log = logging.getLogger(__name__)
 
 class EditCollapseError(RuntimeError):
     """An edit produced non-finite weights (the model is restored before this is raised)."""
+
+
+def _request_list(requests: EditRequest | Iterable[EditRequest], caller: str) -> list[EditRequest]:
+    """``requests`` as a non-empty list of :class:`EditRequest`, reading an iterable exactly once.
+
+    A generator can be read only once, so callers use the returned list everywhere.
+
+    Raises:
+        ValueError: no requests.
+        TypeError: ``requests`` is not iterable, or an item is not an EditRequest.
+    """
+    if isinstance(requests, EditRequest):
+        return [requests]
+    if isinstance(requests, (str, bytes)) or not isinstance(requests, Iterable):
+        raise TypeError(f"{caller} expects an EditRequest or an iterable of them, got {type(requests).__name__}")
+    batch = list(requests)
+    if not batch:
+        raise ValueError(f"{caller} needs at least one EditRequest, got an empty batch")
+    for index, request in enumerate(batch):
+        if not isinstance(request, EditRequest):
+            raise TypeError(f"{caller}: item {index} is a {type(request).__name__}, expected EditRequest")
+    return batch
 
 
 @dataclass
@@ -75,9 +100,13 @@ class Editor(abc.ABC):
     """Base class: subclasses set ``name``, ``params_class`` and implement ``_apply``."""
 
     name: ClassVar[str]
+    # True where one call of edit() on several requests is one joint update (MEMIT's least
+    # squares, FT's batches), so a study may use edit_batch_size > 1; False where the method
+    # edits one fact at a time (ROME, KN, GRACE) and a batch would only be a loop.
+    batch_edits: ClassVar[bool] = False
     params_class: ClassVar[type[Params]]
 
-    def __init__(self, lm: Any, params: Params) -> None:
+    def __init__(self, lm: LoadedModel, params: Params) -> None:
         if not isinstance(params, self.params_class):
             raise TypeError(f"{type(self).__name__} needs {self.params_class.__name__}, got {type(params).__name__}")
         self.lm = lm
@@ -90,14 +119,7 @@ class Editor(abc.ABC):
             EditCollapseError: the update made a touched weight NaN or Inf; the
                 model is restored first, so nothing is left half-edited.
         """
-        if isinstance(requests, EditRequest):
-            requests = [requests]
-        requests = list(requests)
-        if not requests:
-            raise ValueError("edit() needs at least one EditRequest")
-        for request in requests:
-            if not isinstance(request, EditRequest):
-                raise TypeError(f"expected EditRequest, got {type(request).__name__}")
+        requests = _request_list(requests, f"{type(self).__name__}.edit()")
         handle = EditHandle(self.lm.model)
         try:
             self._apply(requests, handle)
@@ -155,12 +177,23 @@ class EditSession:
         return list(self.pristine)
 
     def apply(self, requests: EditRequest | Iterable[EditRequest]) -> EditHandle:
-        handle = self.editor.edit(requests if isinstance(requests, EditRequest) else list(requests))
+        """Edit the model with ``requests`` (one request, or any iterable, read once) and log them.
+
+        Raises:
+            ValueError: ``requests`` is empty.
+            TypeError: an item is not an :class:`EditRequest`.
+        """
+        batch = _request_list(requests, "EditSession.apply()")
+        handle = self.editor.edit(batch)
         for path, original in handle.originals.items():
             self.pristine.setdefault(path, original)
-        requests = [requests] if isinstance(requests, EditRequest) else list(requests)
-        infos = handle.info or [{} for _ in requests]
-        self.log.extend(zip(requests, infos))
+        infos = list(handle.info)
+        if len(infos) != len(batch):
+            if infos:
+                log.warning("%s reported %d diagnostics for %d requests; logging the requests without them",
+                            self.editor.name, len(infos), len(batch))
+            infos = [{} for _ in batch]
+        self.log.extend(zip(batch, infos))
         handle.originals = {}  # the session's pristine copy is the undo record now
         handle.undo = []  # and editor.reset() takes back everything else
         return handle

@@ -2,7 +2,9 @@
 
 Editors never re-implement a model: they read and change activations of the
 unmodified HuggingFace modules through plain forward hooks, registered inside a
-``with`` block and removed in ``finally``.
+``with`` block and removed in ``finally``. This module is the only place that
+registers hooks; the one hook that outlives a call (GRACE's codebook adaptor, which
+stays on while the codebook has entries) goes through :func:`attach_forward_hook`.
 """
 
 from __future__ import annotations
@@ -12,10 +14,13 @@ from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
-__all__ = ["get_module", "get_parameter", "forward_hooks", "capture"]
+__all__ = ["get_module", "get_parameter", "forward_hooks", "forward_pre_hooks", "inputs_only_at", "capture",
+           "attach_forward_hook"]
 
 HookFn = Callable[[nn.Module, tuple, object], object]
+PreHookFn = Callable[[nn.Module, tuple], object]
 
 
 def get_module(model: nn.Module, path: str) -> nn.Module:
@@ -49,6 +54,48 @@ def forward_hooks(model: nn.Module, hooks: Sequence[tuple[str, HookFn]]) -> Iter
     finally:
         for handle in handles:
             handle.remove()
+
+
+@contextlib.contextmanager
+def forward_pre_hooks(model: nn.Module, hooks: Sequence[tuple[str, PreHookFn]]) -> Iterator[None]:
+    """Register ``(module_path, fn)`` forward *pre*-hooks for the duration of the block.
+
+    ``fn(module, inputs)`` may return replacement inputs, as in
+    :meth:`torch.nn.Module.register_forward_pre_hook`.
+    """
+    handles = []
+    try:
+        for path, fn in hooks:
+            handles.append(get_module(model, path).register_forward_pre_hook(fn))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def inputs_only_at(model: nn.Module, path: str, rows: torch.Tensor, positions: torch.Tensor
+                   ) -> contextlib.AbstractContextManager[None]:
+    """Feed the module at ``path`` only its input at ``(rows, positions)``, for the block.
+
+    Used on the unembedding: the model's logits come back as ``(1, queries, vocab)``,
+    so the vocabulary projection runs on the few positions a loss reads, not on every
+    token of every prompt. The input is viewed as ``(batch, tokens, width)``.
+    """
+
+    def select(module: nn.Module, args: tuple) -> tuple:
+        return (args[0][rows, positions].unsqueeze(0), *args[1:])
+
+    return forward_pre_hooks(model, [(path, select)])
+
+
+def attach_forward_hook(model: nn.Module, path: str, fn: HookFn) -> RemovableHandle:
+    """Register a forward hook that stays until the caller removes the returned handle.
+
+    Only for adaptors that must act on every later call (GRACE's codebook); the
+    owner removes it when its state empties and on every undo. Anything that
+    lives for one computation uses :func:`forward_hooks` instead.
+    """
+    return get_module(model, path).register_forward_hook(fn)
 
 
 @contextlib.contextmanager

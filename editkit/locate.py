@@ -14,15 +14,19 @@ import inspect
 import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 
 from .corpus import sample_texts
 from .hooks import capture, forward_hooks
+from .losses import target_nll
 from .tokens import encode, encode_pair, pad_batch, subject_last_token, target_text
 from .types import EditRequest
+
+if TYPE_CHECKING:
+    from .models import LoadedModel
 
 __all__ = [
     "context_templates", "subject_keys", "module_io_at_subject", "optimize_target_value", "optimize_target_values",
@@ -30,7 +34,7 @@ __all__ = [
 ]
 
 
-def context_templates(lm: Any, length_params: Sequence[Sequence[int]], seed: int) -> list[str]:
+def context_templates(lm: LoadedModel, length_params: Sequence[Sequence[int]], seed: int) -> list[str]:
     """ROME's context prefixes: ``""`` plus short texts sampled from the model.
 
     For each ``(length, count)`` pair, ``count`` texts of ``length - 1`` new tokens
@@ -47,13 +51,13 @@ def context_templates(lm: Any, length_params: Sequence[Sequence[int]], seed: int
     return prefixes
 
 
-def _batch(lm: Any, sequences: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+def _batch(lm: LoadedModel, sequences: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
     pad = lm.tokenizer.pad_token_id
     ids, mask = pad_batch(sequences, pad)
     return (torch.tensor(ids, device=lm.device), torch.tensor(mask, device=lm.device))
 
 
-def subject_keys(lm: Any, module_path: str, prefixes: Sequence[str], prompt: str, subject: str) -> torch.Tensor:
+def subject_keys(lm: LoadedModel, module_path: str, prefixes: Sequence[str], prompt: str, subject: str) -> torch.Tensor:
     """Inputs of ``module_path`` at the subject's last token, one row per prefix."""
     texts, positions = zip(*(subject_last_token(lm.tokenizer, p, prompt, subject) for p in prefixes))
     ids, mask = _batch(lm, [encode(lm.tokenizer, t) for t in texts])
@@ -63,7 +67,7 @@ def subject_keys(lm: Any, module_path: str, prefixes: Sequence[str], prompt: str
     return keys[torch.arange(len(positions)), torch.tensor(positions)].detach()
 
 
-def module_io_at_subject(lm: Any, module_path: str, prompt: str, subject: str) -> tuple[torch.Tensor, torch.Tensor]:
+def module_io_at_subject(lm: LoadedModel, module_path: str, prompt: str, subject: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(input, output) of ``module_path`` at the subject's last token of ``prompt``."""
     text, position = subject_last_token(lm.tokenizer, "", prompt, subject)
     ids = torch.tensor([encode(lm.tokenizer, text)], device=lm.device)
@@ -82,14 +86,14 @@ class TargetValue:
     losses: tuple[float, ...]
 
 
-def optimize_target_value(lm: Any, request: EditRequest, hook_path: str, prefixes: Sequence[str],
+def optimize_target_value(lm: LoadedModel, request: EditRequest, hook_path: str, prefixes: Sequence[str],
                           **options: Any) -> TargetValue:
     """:func:`optimize_target_values` for a single hooked module (ROME's v*, MEMIT's z)."""
     return optimize_target_values(lm, request, [hook_path], prefixes, **options)[hook_path]
 
 
 def optimize_target_values(
-    lm: Any,
+    lm: LoadedModel,
     request: EditRequest,
     hook_paths: Sequence[str],
     prefixes: Sequence[str],
@@ -142,7 +146,6 @@ def optimize_target_values(
     target_rows = torch.tensor([r for r, ts in enumerate(targets) for _ in ts], device=lm.device)
     target_pos = torch.tensor([p for ts in targets for p, _ in ts], device=lm.device)
     target_tok = torch.tensor([t for ts in targets for _, t in ts], device=lm.device)
-    tokens_per_row = torch.tensor([len(ts) for ts in targets], device=lm.device, dtype=torch.float32)
 
     deltas: dict[str, torch.Tensor] = {}
 
@@ -178,10 +181,8 @@ def optimize_target_values(
         for step in range(v_num_grad_steps):
             optimizer.zero_grad()
             logits = lm.model(input_ids=ids, attention_mask=mask, **keep).logits.float()
-            log_probs = torch.log_softmax(logits[target_rows, target_pos], dim=-1)
-            token_ll = log_probs.gather(1, target_tok[:, None])[:, 0]
-            per_row = torch.zeros(n_rewrite, device=lm.device).index_add(0, target_rows, token_ll)
-            nll = -(per_row / tokens_per_row).mean()
+            target_logits = logits[target_rows, target_pos]
+            nll = target_nll(target_logits, target_tok, groups=target_rows, n_groups=n_rewrite).mean()
             kl_log_probs = torch.log_softmax(logits[rows[n_rewrite:], kl_pos], dim=-1)
             if kl_init is None:
                 kl_init = kl_log_probs.detach().clone()
@@ -192,7 +193,10 @@ def optimize_target_values(
             if losses[-1] < early_stop_loss or step == v_num_grad_steps - 1:
                 break
             if adaptive_nll:
-                if bool((token_ll >= log_probs.max(dim=-1).values).all()):
+                with torch.no_grad():  # is the target the argmax at every target position?
+                    log_probs = torch.log_softmax(target_logits, dim=-1)
+                    on_top = bool((log_probs.gather(1, target_tok[:, None])[:, 0] >= log_probs.max(-1).values).all())
+                if on_top:
                     nll_weight = 0.1 * nll_loss_factor
                     if kl.item() <= 0.01:
                         break

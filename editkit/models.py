@@ -51,6 +51,11 @@ class CatalogEntry:
     sha256: str
     license: str
     locate: Callable[[Path], Path] = field(repr=False, compare=False)
+    model_type: str = ""      # the HF config.model_type, known without converting the weights
+    family: str = ""          # model family, for grouping results (base and instruct share one)
+    instruct: bool = False    # instruction-tuned (chat) rather than a base model
+    n_params: int | None = None  # parameter count of the converted model
+    n_layers: int | None = None  # transformer blocks
 
 
 def _package_dir(module: str, pip_install: str) -> Path:
@@ -102,6 +107,11 @@ CATALOG: dict[str, CatalogEntry] = {
         sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
         license="Apache-2.0",
         locate=_locate_smollm2,
+        model_type="llama",
+        family="smollm2",
+        instruct=True,
+        n_params=134_515_008,
+        n_layers=30,
     ),
     "gemma3-270m": CatalogEntry(
         name="gemma3-270m",
@@ -110,6 +120,11 @@ CATALOG: dict[str, CatalogEntry] = {
         sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
         license="Gemma Terms of Use",
         locate=_locate_gemma3,
+        model_type="gemma3_text",
+        family="gemma3",
+        instruct=False,
+        n_params=268_098_176,
+        n_layers=18,
     ),
 }
 

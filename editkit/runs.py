@@ -46,7 +46,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -57,6 +57,9 @@ from tqdm.auto import tqdm
 from .config import Params
 from .editing import EditCollapseError, EditSession
 from .resources import atomic_write_text
+
+if TYPE_CHECKING:
+    from .models import LoadedModel
 
 __all__ = ["StudyConfig", "StudyResult", "run_study", "load_study", "DEFAULT_CHECKPOINTS", "run_id_for", "write_items"]
 
@@ -188,7 +191,7 @@ def _write_json(path: Path, payload: Any) -> None:
 class _Run:
     """The state of one method's sequential run (kept small; all I/O lives here)."""
 
-    def __init__(self, config: StudyConfig, method: str, lm: Any, requests: list, progress: bool) -> None:
+    def __init__(self, config: StudyConfig, method: str, lm: LoadedModel, requests: list, progress: bool) -> None:
         from .benchmarks import Engine
         from .editors import get_editor
 
@@ -377,7 +380,7 @@ def _collapsed_scores(tasks: Sequence[str]) -> pd.DataFrame:
                          "ci_high": np.nan, "n": 0})
 
 
-def _run_method(config: StudyConfig, method: str, lm: Any, requests: list, progress: bool,
+def _run_method(config: StudyConfig, method: str, lm: LoadedModel, requests: list, progress: bool,
                 on_checkpoint: Callable[[int, str], None] | None) -> None:
     run = _Run(config, method, lm, requests, progress)
     run.write_manifest()
@@ -419,7 +422,7 @@ def _run_method(config: StudyConfig, method: str, lm: Any, requests: list, progr
         run.session.restore()  # the loaded model is shared by the next method
 
 
-def run_study(config: StudyConfig, progress: bool = True, *, lm: Any = None,
+def run_study(config: StudyConfig, progress: bool = True, *, lm: LoadedModel | None = None,
               on_checkpoint: Callable[[int, str], None] | None = None) -> StudyResult:
     """Run (or resume) every method of ``config`` and return all saved results.
 

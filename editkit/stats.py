@@ -14,7 +14,7 @@ import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from tqdm.auto import tqdm
@@ -24,25 +24,28 @@ from .hooks import forward_hooks
 from .paths import cache_root
 from .resources import atomic_torch_save
 
+if TYPE_CHECKING:
+    from .models import LoadedModel
+
 __all__ = ["second_moment", "second_moments", "stats_path"]
 
 log = logging.getLogger(__name__)
 
 
-def stats_path(lm: Any, module_path: str, corpus: str, n_samples: int, dtype: str,
+def stats_path(lm: LoadedModel, module_path: str, corpus: str, n_samples: int, dtype: str,
                cache_dir: str | os.PathLike[str] | None = None) -> Path:
     model_key = lm.name.replace("/", "_") + "-" + hashlib.sha256(lm.source.encode()).hexdigest()[:8]
     return cache_root(cache_dir) / "stats" / model_key / module_path / f"{corpus_key(corpus)}-{n_samples}-{dtype}.pt"
 
 
-def second_moment(lm: Any, module_path: str, corpus: str = "model_samples", n_samples: int = 1000,
+def second_moment(lm: LoadedModel, module_path: str, corpus: str = "model_samples", n_samples: int = 1000,
                   dtype: str = "float64", **options: Any) -> torch.Tensor:
     """Uncentred second moment of the inputs to one module (see :func:`second_moments`)."""
     return second_moments(lm, [module_path], corpus, n_samples, dtype, **options)[module_path]
 
 
 @torch.no_grad()
-def second_moments(lm: Any, module_paths: Sequence[str], corpus: str = "model_samples", n_samples: int = 1000,
+def second_moments(lm: LoadedModel, module_paths: Sequence[str], corpus: str = "model_samples", n_samples: int = 1000,
                    dtype: str = "float64", *, max_length: int = 128, batch_size: int = 16, seed: int = 0,
                    cache_dir: str | os.PathLike[str] | None = None, progress: bool = True) -> dict[str, torch.Tensor]:
     """Uncentred second moments of the inputs to each of ``module_paths`` (``d_in x d_in`` each).
@@ -110,7 +113,7 @@ def second_moments(lm: Any, module_paths: Sequence[str], corpus: str = "model_sa
     return {m: result[m] for m in module_paths}
 
 
-def _run(lm: Any, tokenizer: Any, texts: list[str], max_length: int, hooks: list, mask_holder: dict) -> None:
+def _run(lm: LoadedModel, tokenizer: Any, texts: list[str], max_length: int, hooks: list, mask_holder: dict) -> None:
     enc = tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=max_length,
                     padding_side="right")
     enc = {k: v.to(lm.device) for k, v in enc.items()}

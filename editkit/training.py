@@ -7,15 +7,18 @@ Trained editors declare ``needs_training = True`` and two class methods:
   the digest of every hyperparameter);
 * ``trainable(lm, params, train, val) -> Trainable``: the component and its loss.
 
-:func:`train_editor` resolves the hyperparameters as :func:`editkit.get_editor` does,
-trains with :func:`fit` (progress bar, a checkpoint every ``checkpoint_every`` steps,
-resume after an interruption) and saves the result with :func:`save_artifact`
-under ``<cache root>/trained/<method>/<model>/<data>-<digest>/``. The editor's
-constructor calls :func:`load_artifact`: a missing artifact raises
-:class:`MissingArtifactError` whose message is the command that trains it; a corrupted
-file (checksum) or one saved for other settings raises :class:`ArtifactError`. An
-artifact is never retrained silently: :func:`train_editor` returns the existing one
-unless ``force=True``.
+:func:`editkit.editors.trainer.train_editor` resolves the hyperparameters as
+:func:`editkit.get_editor` does, trains with :func:`fit` (progress bar, a checkpoint every
+``checkpoint_every`` steps, resume after an interruption) and saves the result with
+:func:`save_artifact` under ``<cache root>/trained/<method>/<model>/<data>-<digest>/``.
+The editor's constructor calls :func:`load_artifact`: a missing artifact raises
+:class:`MissingArtifactError` whose message is the command that trains it
+(:func:`train_command`); a corrupted file (checksum) or one saved for other settings
+raises :class:`ArtifactError`. An artifact is never retrained silently: ``train_editor``
+returns the existing one unless ``force=True``.
+
+This module knows no editor (the editors that train import it); what needs the
+editor registry lives in :mod:`editkit.editors.trainer`.
 
 Command line::
 
@@ -32,18 +35,22 @@ import os
 import random
 import re
 import shutil
-import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from .config import Params, packaged_params
+from .datasets import edit_dataset
 from .paths import cache_root
 from .resources import atomic_torch_save, sha256_file
 from .types import EditRequest
+
+if TYPE_CHECKING:
+    from .models import LoadedModel
 
 __all__ = [
     "ArtifactKey",
@@ -53,8 +60,9 @@ __all__ = [
     "fit",
     "save_artifact",
     "load_artifact",
-    "train_editor",
+    "train_command",
     "training_data",
+    "data_digest",
 ]
 
 log = logging.getLogger(__name__)
@@ -261,87 +269,34 @@ def training_data(data: str, n_train: int | None = None, n_val: int | None = Non
                   ) -> tuple[list[EditRequest], list[EditRequest], str]:
     """The ``train`` and ``val`` edit requests of a packaged edit dataset, and a digest of their files.
 
+    What ``train`` and ``val`` are is the dataset's (see :class:`~editkit.datasets.EditDataset`):
     ``counterfact``: EasyEdit's train (10,000) and val (1,919) splits. ``zsre``: the packaged
     1,000-record train subset, split 900 / 100 (records with an empty target skipped).
-    """
-    from .datasets import load_counterfact, load_zsre
 
-    if data == "counterfact":
-        train, val = load_counterfact("train", n_train), load_counterfact("val", n_val)
-    elif data == "zsre":
-        records = load_zsre("train", on_invalid="skip")
-        train, val = records[:900][:n_train], records[900:][:n_val]
-    else:
-        raise ValueError(f"unknown training data {data!r}; use 'counterfact' or 'zsre'")
+    Raises:
+        ValueError: ``data`` is not a registered edit dataset.
+    """
+    train, val = edit_dataset(data).train_val(n_train, n_val)
     return train, val, data_digest(data)
 
 
 def data_digest(data: str) -> str:
     """The digest :func:`training_data` gives for ``data``, without loading the records."""
-    from .datasets import data_checksums
-
-    if data == "counterfact":
-        sums = {**data_checksums("counterfact", "train"), **data_checksums("counterfact", "val")}
-    elif data == "zsre":
-        sums = data_checksums("zsre", "train")
-    else:
-        raise ValueError(f"unknown training data {data!r}; use 'counterfact' or 'zsre'")
+    sums = edit_dataset(data).training_checksums()
     return hashlib.sha256(json.dumps(sums, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def train_command(name: str, lm: Any, params: Any) -> str:
+def train_command(name: str, lm: LoadedModel, params: Params) -> str:
     """The command line that trains editor ``name`` for ``lm`` with ``params``.
 
-    It names every value that differs from the packaged defaults for ``lm``, so
-    running it gives an artifact the same ``params`` will find.
+    It names every value that differs from the packaged defaults for ``lm``
+    (:func:`~editkit.config.packaged_params` of ``params``' class), so running it
+    gives an artifact the same ``params`` will find.
     """
-    from .editors import resolve_params
-
-    defaults = resolve_params(name, lm).to_dict()
+    defaults = packaged_params(type(params), name, lm).to_dict()
     parts = ["python -m editkit train", name, "--model", lm.name]
     for field, value in params.to_dict().items():
         if value != defaults[field]:
             text = ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
             parts += ["--set", f"{field}={text}"]
     return " ".join(parts)
-
-
-def train_editor(name: str, lm: Any, *, preset: str | None = None, config_file: str | None = None,
-                 force: bool = False, progress: bool = True, root: str | os.PathLike[str] | None = None,
-                 **overrides: Any) -> Path:
-    """Train editor ``name``'s component for ``lm`` (or find it already trained) and return its folder.
-
-    The hyperparameters are resolved as :func:`editkit.get_editor` resolves them
-    (``preset`` picks a named set from ``editkit/configs/<name>.yaml``, e.g.
-    ``smoke`` or ``paper``), so the editor built with the same arguments finds the
-    artifact. An existing artifact is returned as it is unless ``force``.
-    """
-    from .editors import editor_class, resolve_params
-
-    cls = editor_class(name)
-    if not getattr(cls, "needs_training", False):
-        raise ValueError(f"editor {name!r} has nothing to train")
-    params = resolve_params(name, lm, config_file, preset=preset, **overrides)
-    key = cls.artifact_key(lm, params)
-    directory = key.directory(root)
-    if (directory / META).exists() and not force:
-        log.info("%s is already trained for these settings: %s (pass force=True to retrain)", name, directory)
-        return directory
-    train, val, digest = training_data(params.train_data, params.train_records or None,
-                                       params.val_records or None)
-    if digest != key.data_digest:
-        raise ArtifactError(f"the {params.train_data} files changed while training ({digest} != {key.data_digest})")
-    trainable = cls.trainable(lm, params, train, val)
-    work = directory.with_name(directory.name + ".partial")
-    start = time.perf_counter()
-    history = fit(trainable, work, seed=params.seed, checkpoint_every=params.checkpoint_every,
-                  fingerprint=key.meta(), progress=progress)
-    seconds = time.perf_counter() - start
-    info = {"params": params.to_dict(), "steps": trainable.steps, "train_seconds": round(seconds, 1),
-            "final": history[-1] if history else {}, "n_train": len(train), "n_val": len(val)}
-    final = save_artifact(key, trainable.module, info, root)
-    (final / "history.json").write_text(json.dumps(history))
-    shutil.rmtree(work, ignore_errors=True)
-    log.info("trained %s in %.0f s (%d steps): %s", name, seconds, trainable.steps, final)
-    return final
-

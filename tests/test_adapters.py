@@ -50,13 +50,22 @@ def test_missing_role_is_reported(make_tiny):
 
 
 def test_public_names_resolve_lazily():
+    import importlib
     import subprocess
     import sys
 
     import editkit
 
+    assert set(editkit.__all__) == set(editkit._LAZY)
     for name in editkit.__all__:
-        assert getattr(editkit, name) is not None, name
-    # `import editkit` alone must not import torch (cheap import, nothing read at import time).
-    code = "import sys, editkit; assert 'torch' not in sys.modules"
+        module, attr = editkit._LAZY[name].split(":")
+        value = getattr(editkit, name)
+        assert value is getattr(importlib.import_module(module), attr), name
+        # Capitalised names are classes, the others functions.
+        assert isinstance(value, type) if name[0].isupper() else callable(value) and not isinstance(value, type), name
+    with pytest.raises(AttributeError, match="no attribute 'no_such_name'"):
+        editkit.no_such_name  # noqa: B018
+    # `import editkit` alone must not import torch (cheap import, nothing read at import time),
+    # and no public name is bound before it is first used.
+    code = "import sys, editkit; assert 'torch' not in sys.modules; assert not set(editkit._LAZY) & set(vars(editkit))"
     subprocess.run([sys.executable, "-c", code], check=True)

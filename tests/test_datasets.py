@@ -13,7 +13,15 @@ from pathlib import Path
 import pytest
 
 from editkit import resources
-from editkit.datasets import _from_rome, data_checksums, load_counterfact, load_zsre
+from editkit.datasets import (
+    data_checksums,
+    edit_dataset,
+    list_edit_datasets,
+    load_counterfact,
+    load_edit_requests,
+    load_zsre,
+)
+from editkit.record_formats import from_rome
 from editkit.types import EditRequest, InvalidRequestError
 
 ROME_RECORD = {
@@ -150,7 +158,7 @@ def test_json_lines_and_easyedit_file(tmp_path: Path) -> None:
 
 
 def test_hub_mapping_of_an_in_memory_record() -> None:
-    request = _from_rome(copy.deepcopy(ROME_RECORD), 0)
+    request = from_rome(copy.deepcopy(ROME_RECORD), 0)
     assert request.prompt == "The mother tongue of Danielle Darrieux is"
     assert request.subject == "Danielle Darrieux"
     assert request.metadata["target_new_id"] == "Q1860"
@@ -304,3 +312,38 @@ def test_data_checksums(tmp_path: Path) -> None:
     }
     with pytest.raises(ValueError, match="known: counterfact, zsre"):
         data_checksums("mquake", "edit")
+
+
+# ----------------------------------------------------------------------------- registry
+
+
+def test_registry_lists_the_packaged_datasets_and_their_splits() -> None:
+    assert list_edit_datasets() == ["counterfact", "zsre"]
+    assert edit_dataset("counterfact").splits == ("edit", "train", "val")
+    assert edit_dataset("zsre").splits == ("eval", "train")
+    assert [edit_dataset(name).eval_split for name in list_edit_datasets()] == ["edit", "eval"]
+
+
+def test_unknown_edit_dataset_names_the_known_ones() -> None:
+    with pytest.raises(ValueError, match=r"unknown edit dataset 'mquake' \(known: counterfact, zsre\)"):
+        edit_dataset("mquake")
+    with pytest.raises(ValueError, match=r"did you mean 'counterfact'\? \(known: counterfact, zsre\)"):
+        load_edit_requests("counterfakt", "edit", 3)
+    with pytest.raises(ValueError, match="edit, train, val"):
+        load_edit_requests("counterfact", "eval", 3)
+
+
+def test_load_edit_requests_equals_the_dataset_loader() -> None:
+    assert load_edit_requests("counterfact", "edit", 3) == load_counterfact("edit", 3)
+    assert load_edit_requests("zsre", "eval", 3) == load_zsre("eval", 3)
+    assert load_edit_requests("counterfact", "val", 4, shuffle_seed=7) == load_counterfact("val", 4, shuffle_seed=7)
+
+
+def test_load_edit_requests_skips_invalid_records_when_asked(caplog: pytest.LogCaptureFixture) -> None:
+    """Packaged zsRE eval records 54 and 103 have an empty target: by default that is an error naming it."""
+    with pytest.raises(InvalidRequestError, match="54"):
+        load_edit_requests("zsre", "eval", 110)
+    with caplog.at_level(logging.WARNING, logger="editkit.datasets"):
+        requests = load_edit_requests("zsre", "eval", 110, on_invalid="skip")
+    assert len(requests) == 110 and {54, 103}.isdisjoint(r.case_id for r in requests)
+    assert "skipped 2 invalid record(s)" in caplog.text

@@ -16,8 +16,9 @@ session's cache, then built as any other editor.
 
 A random 3-layer model is not a language model: a change of the residual stream
 at the subject barely moves its next-token distribution, so the "target rises"
-check runs on SmolLM2 only (ROME's and MEMIT's maths are checked on tiny models
-in their own test files). ``FAST`` holds per-editor overrides that keep each edit
+check runs on SmolLM2 for every editor and on tiny models only for the editors in
+``RISES_ON_TINY`` (ROME's and MEMIT's maths are checked on tiny models in their own
+test files). ``FAST`` holds per-editor overrides that keep each edit
 to about a second on a 3-layer model; they change step counts, layers and, where
 a scale depends on the model's width, that scale, never the algorithm.
 """
@@ -28,10 +29,11 @@ import pytest
 import torch
 
 import editkit
+from editkit.config import UnknownParameterError
 from editkit.datasets import load_counterfact
 from editkit.editing import EditSession
 from editkit.editors import UnknownEditorError, editor_class
-from editkit.training import train_editor
+from editkit.editors.trainer import train_editor
 from editkit.types import EditRequest
 from tests.helpers import snapshot, target_logprob
 
@@ -75,6 +77,17 @@ FAST_SMOLLM2: dict[str, dict] = {
 # with the base model conditioned on the edit, which moves case 0 ("The mother tongue of
 # Danielle Darrieux is" -> English; SmolLM2 keeps preferring French) by only about 0.5 nats.
 MIN_GAIN = {"serac": 0.25}
+# Editors whose edit raises log P(new) on both tiny random models for each of the first 8
+# CounterFact cases: FT's loss and GRACE's codebook value act at the position that predicts the
+# target, and MEND's update is a transformed gradient of that loss. With FAST settings the others
+# move log P(new) there by about 0.01 nats, up or down depending on the case (ROME on GPT-2 also
+# for 20 or 40 steps, clamp_norm_factor up to 1000, no weight decay, mom2_adjustment or layer 0):
+# a random model's last position hardly reads the subject's residual stream (a v* added at the
+# subject alone gains 0.01 to 0.03 nats), while the rank-one update also moves the MLP output at the
+# last position, whose key is not orthogonal to u, and that feeds the logits directly. SERAC's
+# counterfactual model is the random model itself. Their rise is checked on SmolLM2
+# (test_smollm2_target_rises_and_restores).
+RISES_ON_TINY = {"ft", "grace", "mend"}
 EDITORS = editkit.list_editors()
 PROBE = "The capital of France is"
 
@@ -119,7 +132,11 @@ def test_edit_changes_model_and_restores_exactly(make_tiny, requests, name, mode
     request = requests[0]
     before = target_logprob(lm, request.prompt, request.target_new)
     handle = build(name, lm, FAST[name]).edit(request)
-    assert target_logprob(lm, request.prompt, request.target_new) != before, f"{name} changed nothing"
+    after = target_logprob(lm, request.prompt, request.target_new)
+    if name in RISES_ON_TINY:
+        assert after > before, f"{name}: log P(new) {before:.4f} -> {after:.4f}"
+    else:  # see RISES_ON_TINY: only a change is expected of them here
+        assert after != before, f"{name} changed nothing"
     handle.restore()
     assert_pristine(lm, weights, logits)
 
@@ -141,14 +158,19 @@ def test_same_seed_same_result(make_tiny, requests, name):
 def test_twenty_sequential_edits_stay_finite(make_tiny, requests, name):
     lm = make_tiny("llama")
     weights, logits = snapshot(lm), probe_logits(lm)
+    first, last = requests[0], requests[-1]
+    before = {r.case_id: target_logprob(lm, r.prompt, r.target_new) for r in (first, last)}
     session = EditSession(build(name, lm, FAST[name]))
     for request in requests:
         session.apply(request)
-    assert len(session.log) == 20
+    assert [request for request, _ in session.log] == list(requests)
     assert all(torch.isfinite(v).all() for v in lm.model.state_dict().values() if v.is_floating_point())
     assert torch.isfinite(probe_logits(lm)).all()
-    last = requests[-1]
-    assert target_logprob(lm, last.prompt, last.target_new) > -50
+    if name in RISES_ON_TINY:  # the first edit survives the 19 after it, and the last one holds
+        for request in (first, last):
+            after = target_logprob(lm, request.prompt, request.target_new)
+            assert after > before[request.case_id], (
+                f"{name} on case {request.case_id}: log P(new) {before[request.case_id]:.4f} -> {after:.4f}")
     session.restore()
     assert_pristine(lm, weights, logits)
 
@@ -161,6 +183,34 @@ def test_batched_requests_on_tiny_model(make_tiny, requests, name):
     assert len(handle.info) == 3
     handle.restore()
     assert_pristine(lm, weights, logits)
+
+
+def test_session_reads_a_generator_once(make_tiny, requests):
+    """A generator of requests is read once: the editor edits every request and the log records each."""
+    lm = make_tiny("llama")
+    weights, logits = snapshot(lm), probe_logits(lm)
+    batch = requests[:2]
+    before = [target_logprob(lm, r.prompt, r.target_new) for r in batch]
+    session = EditSession(build("ft", lm, FAST["ft"]))
+    handle = session.apply(request for request in batch)
+    after = [target_logprob(lm, r.prompt, r.target_new) for r in batch]
+    assert len(handle.info) == 2
+    assert [request for request, _ in session.log] == batch
+    assert [info for _, info in session.log] == handle.info
+    assert all(a > b for a, b in zip(after, before)), (before, after)
+    session.restore()
+    assert_pristine(lm, weights, logits)
+
+
+def test_session_rejects_empty_and_foreign_batches(make_tiny, requests):
+    session = EditSession(build("ft", make_tiny("llama"), FAST["ft"]))
+    with pytest.raises(ValueError, match=r"EditSession.apply\(\) needs at least one EditRequest"):
+        session.apply(request for request in [])
+    with pytest.raises(TypeError, match=r"EditSession.apply\(\): item 1 is a dict, expected EditRequest"):
+        session.apply([requests[0], {"prompt": requests[0].prompt}])
+    with pytest.raises(TypeError, match="an EditRequest or an iterable of them, got str"):
+        session.apply(requests[0].prompt)
+    assert session.log == [] and session.touched == []
 
 
 @pytest.mark.parametrize("name", EDITORS)
@@ -194,5 +244,6 @@ def test_unknown_editor_and_parameter_errors(make_tiny):
     lm = make_tiny("llama")
     with pytest.raises(UnknownEditorError, match="memit"):
         editkit.get_editor("memitt", lm)
-    with pytest.raises(Exception, match="mom2_update_weigth|mom2_update_weight"):
+    with pytest.raises(UnknownParameterError,
+                       match="unknown key 'mom2_update_weigth'.*did you mean 'mom2_update_weight'"):
         editkit.get_editor("memit", lm, mom2_update_weigth=1.0)

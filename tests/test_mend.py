@@ -9,10 +9,11 @@ import torch
 from safetensors.torch import load_file
 
 import editkit
-import editkit.training
+import editkit.editors.trainer
 from editkit.editors import resolve_params
 from editkit.editors.mend import MEND, MENDNet, MENDParams, MENDTrainable, _low_rank_hook, _Pass, _token_factors
-from editkit.training import ArtifactError, MissingArtifactError, fit, train_editor, training_data
+from editkit.editors.trainer import train_editor
+from editkit.training import ArtifactError, MissingArtifactError, fit, training_data
 from editkit.types import EditRequest
 
 from .helpers import snapshot, target_logprob
@@ -120,7 +121,7 @@ def test_training_learns_saves_and_is_reused(make_tiny, monkeypatch):
 
     # Asked again: the same folder, without training.
     mtime = (folder / "weights.safetensors").stat().st_mtime_ns
-    monkeypatch.setattr(editkit.training, "fit", lambda *a, **k: pytest.fail("retrained"))
+    monkeypatch.setattr(editkit.editors.trainer, "fit", lambda *a, **k: pytest.fail("retrained"))
     assert train_editor("mend", lm, progress=False, **TINY) == folder
     assert (folder / "weights.safetensors").stat().st_mtime_ns == mtime
 

@@ -11,7 +11,8 @@ from editkit.benchmarks import Engine
 from editkit.datasets import load_counterfact
 from editkit.editors import resolve_params
 from editkit.editors.serac import SERAC, ScopeTrainable
-from editkit.training import MissingArtifactError, fit, train_editor
+from editkit.editors.trainer import train_editor
+from editkit.training import MissingArtifactError, fit
 from tests.helpers import target_logprob
 
 FAST = {"encoder": "all-minilm-l6-v2", "steps": 4, "batch_size": 4, "train_records": 16, "val_records": 4,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 
@@ -138,3 +139,27 @@ def test_corrupted_or_mismatched_artifacts_are_refused(tmp_path):
     save_artifact(key(), torch.nn.Linear(3, 2), root=tmp_path)
     with pytest.raises(ArtifactError, match="does not fit"):
         load_artifact(key(), torch.nn.Linear(4, 2), root=tmp_path)
+
+
+def test_data_digest_is_that_of_the_training_files():
+    """Artifact folders are named by this digest: it must stay what it was for the same files."""
+    from editkit.datasets import data_checksums
+    from editkit.training import data_digest
+
+    def digest(sums):
+        return hashlib.sha256(json.dumps(sums, sort_keys=True).encode()).hexdigest()[:12]
+
+    counterfact = {**data_checksums("counterfact", "train"), **data_checksums("counterfact", "val")}
+    assert data_digest("counterfact") == digest(counterfact)
+    assert data_digest("zsre") == digest(data_checksums("zsre", "train"))
+    with pytest.raises(ValueError, match="known: counterfact, zsre"):
+        data_digest("mquake")
+
+
+def test_zsre_training_data_splits_the_train_file_900_100():
+    from editkit.datasets import load_zsre
+    from editkit.training import training_data
+
+    train, val, _ = training_data("zsre", 5, 3)
+    records = load_zsre("train", on_invalid="skip")
+    assert train == records[:5] and val == records[900:903]

@@ -6,7 +6,8 @@
 >>> aggregate(items)  # doctest: +SKIP
 >>> paired_deltas(items_after_edits, items)  # doctest: +SKIP
 
-Modules: :mod:`.engine` (the only code that runs the model), :mod:`.generation`
+Modules: :mod:`.engine` (the only code that runs the model), :mod:`.api` (the
+model API types every other module shares), :mod:`.generation`
 (batched greedy decoding), :mod:`.passes` (batched forward passes, shared
 prefixes, automatic batch size), :mod:`.spec` (task dataclasses),
 :mod:`.tasks` (registered tasks and loaders), :mod:`.extract` (answer
@@ -17,7 +18,8 @@ extraction), :mod:`.evaluation` (:func:`evaluate`, :func:`build_requests`),
 
 from __future__ import annotations
 
-from .engine import ContinuationScore, Engine, GenerationRequest, LanguageModel
+from .api import ContinuationScore, GenerationRequest, LanguageModel
+from .engine import Engine
 from .evaluation import TaskRequests, build_requests, evaluate, select_items
 from .metrics import aggregate, constant_answer, paired_deltas
 from .spec import ChoiceTask, Doc, GenerationTask, TaskSpec, UnknownTaskError

@@ -39,71 +39,24 @@ import math
 import numbers
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import TYPE_CHECKING
 
 import torch
 from tqdm.auto import tqdm
 
+from ..kv_cache import select_rows
 from ..tokens import encode_pair
+from .api import ContinuationScore, GenerationRequest, LanguageModel
 from .generation import greedy_generate
-from .passes import PrefixMemo, auto_batch_size, memory_budget, plan_batches, run_contexts, select_rows
+from .passes import PrefixMemo, auto_batch_size, memory_budget, plan_batches, run_contexts
 
 if TYPE_CHECKING:
     from ..models import LoadedModel
 
+# ContinuationScore, GenerationRequest and LanguageModel live in .api; re-exported for existing imports.
 __all__ = ["ContinuationScore", "GenerationRequest", "LanguageModel", "Engine"]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class ContinuationScore:
-    """How a model scores one continuation of one context.
-
-    Attributes:
-        logprob: sum of the continuation tokens' log-probabilities (nan if any
-            logit was non-finite).
-        is_greedy: every continuation token is the argmax at its position.
-        n_tokens: number of continuation tokens.
-        n_chars: ``len(continuation)`` in characters (for ``acc_norm``).
-        token_logprobs: log-probability of each continuation token.
-        target_tokens: the continuation's token ids.
-        greedy_tokens: the argmax token id at each continuation position.
-        finite: False if any logit used was NaN or infinite.
-    """
-
-    logprob: float
-    is_greedy: bool
-    n_tokens: int
-    n_chars: int
-    token_logprobs: tuple[float, ...]
-    target_tokens: tuple[int, ...]
-    greedy_tokens: tuple[int, ...]
-    finite: bool
-
-
-@dataclass(frozen=True)
-class GenerationRequest:
-    """A greedy generation: stop at any string of ``until``, at EOS, or after ``max_new_tokens``."""
-
-    context: str
-    until: tuple[str, ...] = ()
-    max_new_tokens: int = 256
-
-
-@runtime_checkable
-class LanguageModel(Protocol):
-    """lm-evaluation-harness's model API, as far as editkit's tasks need it."""
-
-    name: str
-
-    def loglikelihood(self, requests: Sequence[tuple[str, str]]) -> list[tuple[float, bool]]:
-        """``(log P(continuation | context), is_greedy)`` for each ``(context, continuation)``."""
-        ...
-
-    def generate_until(self, requests: Sequence[GenerationRequest]) -> list[str]:
-        """The greedy continuation of each request, cut before its first stop string."""
-        ...
 
 
 @dataclass(frozen=True)

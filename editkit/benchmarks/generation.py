@@ -15,14 +15,11 @@ returns it.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 import torch
 
+from .api import GenerationRequest, ModelRunner
 from .passes import PrefixMemo, run_contexts
-
-if TYPE_CHECKING:
-    from .engine import Engine, GenerationRequest
 
 __all__ = ["greedy_generate", "cut_at_stop"]
 
@@ -34,7 +31,7 @@ def cut_at_stop(text: str, until: Sequence[str]) -> tuple[str, bool]:
 
 
 def greedy_generate(
-    engine: Engine, contexts: Sequence[Sequence[int]], requests: Sequence[GenerationRequest], shared: int,
+    engine: ModelRunner, contexts: Sequence[Sequence[int]], requests: Sequence[GenerationRequest], shared: int,
     memo: PrefixMemo
 ) -> list[str | None]:
     """Greedy continuations of one batch of tokenised contexts.

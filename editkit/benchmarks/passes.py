@@ -22,16 +22,14 @@ window or every sequence fits inside it; otherwise left padding is used.
 
 from __future__ import annotations
 
-import copy
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 
-if TYPE_CHECKING:
-    from .engine import Engine
+from ..kv_cache import select_rows
+from .api import ModelRunner
 
 __all__ = [
     "ContextBatch",
@@ -41,7 +39,6 @@ __all__ = [
     "memory_budget",
     "plan_batches",
     "run_contexts",
-    "select_rows",
     "sliding_window",
 ]
 
@@ -85,18 +82,6 @@ def sliding_window(config: object) -> int | None:
     if layer_types is not None and not any("sliding" in str(kind) for kind in layer_types):
         return None
     return int(window)
-
-
-def select_rows(cache: object, rows: torch.Tensor) -> object:
-    """A copy of a key/value cache holding only batch ``rows`` (which may repeat).
-
-    The layers are copied shallowly and then re-indexed, which allocates new
-    tensors on the copy, so the original cache stays usable.
-    """
-    picked = copy.copy(cache)
-    picked.layers = [copy.copy(layer) for layer in cache.layers]
-    picked.batch_select_indices(rows)
-    return picked
 
 
 def plan_batches(contexts: Sequence[Sequence[int]], batch_size: int, max_padding: float = 0.25
@@ -148,7 +133,7 @@ def _common_prefix(sequences: Sequence[Sequence[int]]) -> int:
     return length
 
 
-def run_contexts(engine: Engine, contexts: Sequence[Sequence[int]], shared: int, extra_columns: int,
+def run_contexts(engine: ModelRunner, contexts: Sequence[Sequence[int]], shared: int, extra_columns: int,
                  memo: PrefixMemo, use_cache: bool = True) -> ContextBatch:
     """Run a batch of non-empty contexts.
 
@@ -169,14 +154,15 @@ def run_contexts(engine: Engine, contexts: Sequence[Sequence[int]], shared: int,
     return _run_left_padded(engine, contexts, use_cache)
 
 
-def _run_left_padded(engine: Engine, contexts: Sequence[Sequence[int]], use_cache: bool) -> ContextBatch:
+def _run_left_padded(engine: ModelRunner, contexts: Sequence[Sequence[int]], use_cache: bool) -> ContextBatch:
     ids, mask = engine.pad(contexts, side="left")
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     output = engine.forward(ids, mask, positions, keep=1, use_cache=use_cache)
     return ContextBatch(output.logits[:, -1], output.past_key_values, mask, mask.sum(-1))
 
 
-def _run_with_prefix(engine: Engine, contexts: Sequence[Sequence[int]], shared: int, memo: PrefixMemo) -> ContextBatch:
+def _run_with_prefix(engine: ModelRunner, contexts: Sequence[Sequence[int]], shared: int, memo: PrefixMemo
+                     ) -> ContextBatch:
     device = engine.device
     prefix = tuple(contexts[0][:shared])
     if memo.tokens != prefix or memo.cache is None:

@@ -23,7 +23,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from .engine import GenerationRequest
+from .api import GenerationRequest
 from .extract import is_degenerate
 
 __all__ = [

@@ -13,10 +13,14 @@ import difflib
 import importlib
 import os
 from importlib import resources
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ..config import load_yaml
+from ..config import load_yaml, packaged_params
 from ..editing import Editor
+
+if TYPE_CHECKING:
+    from ..models import LoadedModel
+    from ..modelinfo import ModelInfo
 
 __all__ = ["get_editor", "list_editors", "editor_class", "resolve_params", "UnknownEditorError"]
 
@@ -53,18 +57,6 @@ def editor_class(name: str) -> type[Editor]:
     return getattr(importlib.import_module(module), attr)
 
 
-def model_overrides(name: str, lm: Any) -> dict[str, Any]:
-    """Packaged per-model overrides for editor ``name`` (empty if none)."""
-    path = resources.files("editkit") / "configs" / f"{name.lower()}.yaml"
-    if not path.is_file():
-        return {}
-    table = load_yaml(str(path))
-    by_model = (table.get("models") or {}).get(lm.name)
-    if by_model is not None:
-        return dict(by_model)
-    return dict((table.get("model_types") or {}).get(lm.model_type) or {})
-
-
 def preset_overrides(name: str, preset: str) -> dict[str, Any]:
     """The named set of values ``preset`` (e.g. ``smoke``, ``paper``) of editor ``name``'s config file."""
     path = resources.files("editkit") / "configs" / f"{name.lower()}.yaml"
@@ -74,12 +66,11 @@ def preset_overrides(name: str, preset: str) -> dict[str, Any]:
     return dict(presets[preset] or {})
 
 
-def resolve_params(name: str, lm: Any, config_file: str | os.PathLike[str] | None = None, *,
+def resolve_params(name: str, lm: LoadedModel | ModelInfo, config_file: str | os.PathLike[str] | None = None, *,
                    preset: str | None = None, **overrides: Any):
     """The editor's params: defaults < packaged per-model overrides < ``preset`` < ``config_file`` < ``overrides``."""
-    cls = editor_class(name).params_class
     where = f"editkit/configs/{name}.yaml"
-    params = cls().replace(where=where, **model_overrides(name, lm))
+    params = packaged_params(editor_class(name).params_class, name, lm)
     if preset is not None:
         params = params.replace(where=f"{where} preset {preset!r}", **preset_overrides(name, preset))
     if config_file is not None:
@@ -87,7 +78,7 @@ def resolve_params(name: str, lm: Any, config_file: str | os.PathLike[str] | Non
     return params.replace(**overrides)
 
 
-def get_editor(name: str, lm: Any, config_file: str | os.PathLike[str] | None = None, *,
+def get_editor(name: str, lm: LoadedModel, config_file: str | os.PathLike[str] | None = None, *,
                preset: str | None = None, **overrides: Any) -> Editor:
     """Build editor ``name`` for the loaded model ``lm`` (see module docstring)."""
     cls = editor_class(name)

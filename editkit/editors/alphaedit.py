@@ -31,13 +31,16 @@ symmetric positive semi-definite matrix).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ..editing import EditHandle
 from ..types import EditRequest
 from .memit import MEMIT, MEMITParams
+
+if TYPE_CHECKING:
+    from ..models import LoadedModel
 
 __all__ = ["AlphaEdit", "AlphaEditParams"]
 
@@ -65,7 +68,7 @@ class AlphaEdit(MEMIT):
     params_class = AlphaEditParams
     params: AlphaEditParams
 
-    def __init__(self, lm: Any, params: AlphaEditParams) -> None:
+    def __init__(self, lm: LoadedModel, params: AlphaEditParams) -> None:
         super().__init__(lm, params)
         self._projections: dict[int, torch.Tensor] = {}
         self._edit_keys: dict[int, list[torch.Tensor]] = {layer: [] for layer in params.layers}

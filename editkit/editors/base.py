@@ -10,7 +10,7 @@ edited layers. Both are computed once, lazily, and kept on the editor object.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -19,6 +19,9 @@ from ..editing import Editor
 from ..locate import context_templates, subject_keys
 from ..stats import second_moments
 from ..types import EditRequest
+
+if TYPE_CHECKING:
+    from ..models import LoadedModel
 
 __all__ = ["LocateParams", "LocateEditor", "as_stored"]
 
@@ -62,7 +65,7 @@ class LocateParams(Params):
                     clamp_norm_factor=self.clamp_norm_factor, kl_factor=self.kl_factor)
 
 
-def as_stored(lm: Any, delta_out_in: torch.Tensor) -> torch.Tensor:
+def as_stored(lm: LoadedModel, delta_out_in: torch.Tensor) -> torch.Tensor:
     """An ``out x in`` update in the parameter's stored orientation (GPT-2's Conv1D is ``in x out``)."""
     return lm.adapter.as_out_in(delta_out_in)  # the layout change is a transpose: its own inverse
 
@@ -72,7 +75,7 @@ class LocateEditor(Editor):
 
     params: LocateParams
 
-    def __init__(self, lm: Any, params: LocateParams) -> None:
+    def __init__(self, lm: LoadedModel, params: LocateParams) -> None:
         super().__init__(lm, params)
         bad = [layer for layer in params.layers if not 0 <= layer < lm.n_layers]
         if bad:

@@ -33,7 +33,8 @@ settings of the ROME paper). Known deviations:
   so Llama-style tokenizers put a BOS token among the "targets" of ``prompt_last``
   and padding is masked only where it equals ``unk``.
 * Logits are computed only at the positions the loss reads (a pre-hook on the
-  unembedding selects them); the loss is the same.
+  unembedding selects them, :func:`editkit.hooks.inputs_only_at`); the loss
+  (:func:`editkit.losses.target_nll`) is the same.
 * ``kl_factor`` is declared by both references but never used; it is accepted for
   config compatibility and must be 0.
 * The references' ``norm_constraint: false`` (unconstrained FT) is written ``null``.
@@ -45,19 +46,22 @@ Defaults are the ROME paper's GPT2-XL FT-L values (layer 0, lr 5e-4, 25 steps,
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 
 from ..config import Params
 from ..editing import EditHandle, Editor
-from ..hooks import get_module
+from ..hooks import inputs_only_at
+from ..losses import target_nll
 from ..tokens import encode_pair, pad_batch, target_text
 from ..types import EditRequest
+
+if TYPE_CHECKING:
+    from ..models import LoadedModel
 
 __all__ = ["FT", "FTParams"]
 
@@ -108,35 +112,16 @@ class _Chunk:
     target_query: torch.Tensor   # (targets,) index into the queries
     target_tokens: torch.Tensor  # (targets,)
     target_rows: torch.Tensor    # (targets,) request of each target token
-    tokens_per_row: torch.Tensor  # (batch,)
-
-
-@contextlib.contextmanager
-def _logits_only_at(module: torch.nn.Module, rows: torch.Tensor, positions: torch.Tensor) -> Iterator[None]:
-    """Feed the unembedding only the hidden states at (rows, positions).
-
-    The model's logits come back as ``(1, queries, vocab)``: the vocabulary
-    projection and softmax run on the few positions the loss reads, not on every
-    token of every prompt.
-    """
-
-    def select(mod: torch.nn.Module, args: tuple) -> tuple:
-        return (args[0][rows, positions].unsqueeze(0), *args[1:])
-
-    handle = module.register_forward_pre_hook(select)
-    try:
-        yield
-    finally:
-        handle.remove()
 
 
 class FT(Editor):
     """Fine-tune the MLP output projection of ``layers`` under an L∞ constraint."""
 
     name = "ft"
+    batch_edits = True
     params_class = FTParams
 
-    def __init__(self, lm: Any, params: FTParams) -> None:
+    def __init__(self, lm: LoadedModel, params: FTParams) -> None:
         super().__init__(lm, params)
         for layer in params.layers:
             if not 0 <= layer < lm.n_layers:
@@ -169,27 +154,23 @@ class FT(Editor):
                     queries.append((row, last + j))
         ids, mask = pad_batch(sequences, tokenizer.pad_token_id)
 
-        def tensor(values: list[int], dtype: torch.dtype = torch.long) -> torch.Tensor:
-            return torch.tensor(values, device=device, dtype=dtype)
+        def tensor(values: list[int]) -> torch.Tensor:
+            return torch.tensor(values, device=device, dtype=torch.long)
 
-        rows = [r for r, _, _ in targets]
         return _Chunk(
             ids=tensor(ids), mask=tensor(mask),
             query_rows=tensor([r for r, _ in queries]), query_positions=tensor([p for _, p in queries]),
             target_query=tensor([q for _, q, _ in targets]), target_tokens=tensor([t for _, _, t in targets]),
-            target_rows=tensor(rows),
-            tokens_per_row=tensor([rows.count(r) for r in range(len(requests))], torch.float32),
+            target_rows=tensor([r for r, _, _ in targets]),
         )
 
     def _loss(self, chunk: _Chunk) -> torch.Tensor:
         """Mean over requests of the mean target-token NLL."""
-        unembed = get_module(self.lm.model, self.lm.adapter.path("unembed"))
-        with _logits_only_at(unembed, chunk.query_rows, chunk.query_positions):
+        unembed = self.lm.adapter.path("unembed")
+        with inputs_only_at(self.lm.model, unembed, chunk.query_rows, chunk.query_positions):
             logits = self.lm.model(input_ids=chunk.ids, attention_mask=chunk.mask, use_cache=False).logits[0]
-        log_probs = torch.log_softmax(logits.float(), dim=-1)
-        token_ll = log_probs[chunk.target_query, chunk.target_tokens]
-        per_row = torch.zeros_like(chunk.tokens_per_row).index_add(0, chunk.target_rows, token_ll)
-        return -(per_row / chunk.tokens_per_row).mean()
+        return target_nll(logits, chunk.target_tokens, chunk.target_query, chunk.target_rows,
+                          n_groups=chunk.ids.shape[0]).mean()
 
     # -- the edit -------------------------------------------------------------
     def _apply(self, requests: list[EditRequest], handle: EditHandle) -> None:

@@ -69,16 +69,20 @@ from __future__ import annotations
 import hashlib
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
-from ..benchmarks.passes import select_rows
 from ..config import Params
 from ..editing import EditCollapseError, EditHandle, Editor
-from ..hooks import capture, get_module
+from ..hooks import attach_forward_hook, capture, get_module
+from ..kv_cache import select_rows
+from ..losses import target_nll
 from ..tokens import encode_pair, target_text
 from ..types import EditRequest
+
+if TYPE_CHECKING:
+    from ..models import LoadedModel
 
 __all__ = ["GRACE", "GRACEParams", "Codebook"]
 
@@ -207,7 +211,7 @@ class GRACE(Editor):
     name = "grace"
     params_class = GRACEParams
 
-    def __init__(self, lm: Any, params: GRACEParams) -> None:
+    def __init__(self, lm: LoadedModel, params: GRACEParams) -> None:
         super().__init__(lm, params)
         self.layer = params.layers[0]
         if not 0 <= self.layer < lm.n_layers:
@@ -222,8 +226,7 @@ class GRACE(Editor):
     def _sync_hook(self) -> None:
         """Install the hook when the codebook has entries; remove it when it is empty."""
         if len(self.codebook) and self._hook_handle is None:
-            module = get_module(self.lm.model, self.module_path)
-            self._hook_handle = module.register_forward_hook(self._adapt)
+            self._hook_handle = attach_forward_hook(self.lm.model, self.module_path, self._adapt)
         elif not len(self.codebook) and self._hook_handle is not None:
             self._hook_handle.remove()
             self._hook_handle = None
@@ -400,8 +403,7 @@ class GRACE(Editor):
                     if prefix_cache is not None:
                         run["past_key_values"] = select_rows(prefix_cache, torch.zeros(1, dtype=torch.long,
                                                                                       device=ids.device))
-                    logits = model(**run).logits[0, positions].float()
-                    loss = torch.nn.functional.cross_entropy(logits, target_ids)
+                    loss = target_nll(model(**run).logits[0, positions], target_ids)[0]
                     losses.append(loss.item())
                     if step == 0:
                         self._check_hit(row, key_position - start)

@@ -66,21 +66,23 @@ Defaults are EasyEdit's GPT2-XL values; per-model values live in ``editkit/confi
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import logging
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
 from ..config import Params
 from ..editing import EditHandle, Editor
-from ..hooks import capture, get_module
+from ..hooks import capture, forward_pre_hooks
 from ..tokens import encode, encode_pair, target_text
 from ..types import EditRequest
+
+if TYPE_CHECKING:
+    from ..models import LoadedModel
 
 __all__ = ["KnowledgeNeurons", "KnowledgeNeuronsParams", "KN", "Attribution", "integrated_gradients",
            "select_neurons"]
@@ -149,19 +151,6 @@ class Attribution:
     prediction: int
 
 
-@contextlib.contextmanager
-def _input_hooks(model: torch.nn.Module, hooks: Sequence[tuple[str, Callable]]) -> Iterator[None]:
-    """Forward *pre*-hooks (they may replace a module's input), removed in ``finally``."""
-    handles = []
-    try:
-        for path, fn in hooks:
-            handles.append(get_module(model, path).register_forward_pre_hook(fn))
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
 def _last_position(tensor: torch.Tensor, batch: int) -> torch.Tensor:
     # OPT flattens (batch, tokens) before its MLP; view every layout as (batch, tokens, width).
     return tensor.reshape(batch, -1, tensor.shape[-1])[:, -1]
@@ -179,7 +168,7 @@ def _patch_last_token(rows: torch.Tensor, replacement: torch.Tensor) -> Callable
     return hook
 
 
-def integrated_gradients(lm: Any, prompt: str, token: int | None, layers: Sequence[int], steps: int,
+def integrated_gradients(lm: LoadedModel, prompt: str, token: int | None, layers: Sequence[int], steps: int,
                          batch_size: int) -> Attribution:
     """Attribute P(``token`` | ``prompt``) to the MLP neurons of ``layers`` at the last token.
 
@@ -218,7 +207,7 @@ def integrated_gradients(lm: Any, prompt: str, token: int | None, layers: Sequen
         cache = copy.deepcopy(prefix_cache)  # the forward appends to it
         if cache is not None:
             cache.batch_repeat_interleave(n)
-        with torch.enable_grad(), _input_hooks(model, hooks):
+        with torch.enable_grad(), forward_pre_hooks(model, hooks):
             out = model(input_ids=last.expand(n, 1), past_key_values=cache,
                         attention_mask=torch.ones(n, len(ids), dtype=torch.long, device=device)).logits
             target = out[:, -1].float().softmax(-1)[:, token]
@@ -264,7 +253,7 @@ class KnowledgeNeurons(Editor):
     name = "kn"
     params_class = KnowledgeNeuronsParams
 
-    def __init__(self, lm: Any, params: KnowledgeNeuronsParams) -> None:
+    def __init__(self, lm: LoadedModel, params: KnowledgeNeuronsParams) -> None:
         super().__init__(lm, params)
         bad = [layer for layer in params.layers if layer >= lm.n_layers]
         if bad:

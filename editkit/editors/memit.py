@@ -67,6 +67,7 @@ class MEMIT(LocateEditor):
     """Multi-layer least-squares editing of MLP output projections (batched)."""
 
     name = "memit"
+    batch_edits = True
     params_class = MEMITParams
     params: MEMITParams
 

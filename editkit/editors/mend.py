@@ -28,7 +28,7 @@ The network g (one per distinct weight shape when ``shared``; the published one)
   the last included, has the relu, written as ``clamp(min=0)`` so that its gradient at
   0 (every pre-activation at init) is 1: with ``torch.relu`` g would never leave the identity.
 
-Training (:class:`MENDTrainable`, run by :func:`editkit.training.train_editor`) makes
+Training (:class:`MENDTrainable`, run by :func:`editkit.editors.trainer.train_editor`) makes
 the edit a differentiable function of g's parameters and the α's: a forward hook adds
 ``x ↦ −α Σ_t δ̃_t (ũ_tᵀ x)`` to each edited module's output, so the base weights are
 never written (and GPT-2's Conv1D orientation never matters). For an edit request with
@@ -75,18 +75,22 @@ import math
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import nn
 
 from ..config import Params
 from ..editing import EditHandle, Editor
-from ..hooks import forward_hooks, get_module
+from ..hooks import forward_hooks, get_module, inputs_only_at
+from ..losses import group_mean, target_nll
 from ..tokens import encode, encode_pair, pad_batch, target_text
 from ..training import ArtifactKey, Trainable, data_digest, load_artifact, train_command
 from ..types import EditRequest
 from .base import as_stored
+
+if TYPE_CHECKING:
+    from ..models import LoadedModel
 
 __all__ = ["MEND", "MENDParams", "MENDNet", "MENDTrainable", "edited_modules"]
 
@@ -161,7 +165,7 @@ class MENDParams(Params):
             raise ValueError(f"train_data must be 'counterfact' or 'zsre', got {self.train_data!r}")
 
 
-def edited_modules(lm: Any, params: MENDParams) -> list[str]:
+def edited_modules(lm: LoadedModel, params: MENDParams) -> list[str]:
     """Module paths of the edited projections, layer by layer, in ``roles`` order."""
     paths = []
     for layer in params.layers:
@@ -178,7 +182,7 @@ def edited_modules(lm: Any, params: MENDParams) -> list[str]:
     return paths
 
 
-def _shapes(lm: Any, paths: Sequence[str]) -> list[tuple[int, int]]:
+def _shapes(lm: LoadedModel, paths: Sequence[str]) -> list[tuple[int, int]]:
     """(in, out) of each module's weight, read through the adapter's orientation."""
     return [tuple(reversed(lm.adapter.as_out_in(get_module(lm.model, p).weight).shape)) for p in paths]
 
@@ -307,7 +311,7 @@ class MENDNet(nn.Module):
         self.edit_lrs = nn.Parameter(torch.full((len(shapes),), float(params.edit_lr)))
 
     @classmethod
-    def for_model(cls, lm: Any, params: MENDParams) -> MENDNet:
+    def for_model(cls, lm: LoadedModel, params: MENDParams) -> MENDNet:
         """An untrained network (g the identity, α = ``edit_lr``) for ``lm``'s edited weights."""
         return cls(_shapes(lm, edited_modules(lm, params)), params)
 
@@ -343,25 +347,21 @@ class _Pass:
         ids = context + answer[:-1]
         return self.add(ids, range(len(context) - 1, len(ids))), answer
 
-    def log_probs(self, lm: Any, hooks: Sequence = ()) -> tuple[torch.Tensor, torch.Tensor]:
-        """Log-probabilities (queries x vocab, float32) and the attention mask of the padded batch."""
+    def logits(self, lm: LoadedModel, hooks: Sequence = ()) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits (queries x vocab, float32) and the attention mask of the padded batch."""
         device = lm.device
         ids, mask = pad_batch(self.rows, lm.tokenizer.pad_token_id)
         ids, mask = torch.tensor(ids, device=device), torch.tensor(mask, device=device)
-        flat = torch.tensor([r * ids.shape[1] + p for r, p in self.queries], device=device)
+        rows = torch.tensor([r for r, _ in self.queries], device=device)
+        positions = torch.tensor([p for _, p in self.queries], device=device)
+        with inputs_only_at(lm.model, lm.adapter.path("unembed"), rows, positions), forward_hooks(lm.model, hooks):
+            logits = lm.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        return logits[0].float(), mask
 
-        def only_queries(module: nn.Module, args: tuple) -> tuple:
-            hidden = args[0]
-            return (hidden.reshape(-1, hidden.shape[-1])[flat].unsqueeze(0), *args[1:])
-
-        unembed = get_module(lm.model, lm.adapter.path("unembed"))
-        handle = unembed.register_forward_pre_hook(only_queries)
-        try:
-            with forward_hooks(lm.model, hooks):
-                logits = lm.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-        finally:
-            handle.remove()
-        return logits[0].float().log_softmax(-1), mask
+    def log_probs(self, lm: LoadedModel, hooks: Sequence = ()) -> tuple[torch.Tensor, torch.Tensor]:
+        """Log-probabilities (queries x vocab, float32) and the attention mask of the padded batch."""
+        logits, mask = self.logits(lm, hooks)
+        return logits.log_softmax(-1), mask
 
 
 @dataclass
@@ -380,14 +380,7 @@ def _locality_text(request: EditRequest, fallback: EditRequest) -> str:
     return fallback.prompt + (target_text(fallback.target_true) if fallback.target_true else "")
 
 
-def _mean_by(values: torch.Tensor, groups: torch.Tensor, n: int) -> torch.Tensor:
-    """Mean of ``values`` within each of ``n`` groups."""
-    total = values.new_zeros(n).index_add(0, groups, values)
-    count = values.new_zeros(n).index_add(0, groups, torch.ones_like(values))
-    return total / count.clamp(min=1)
-
-
-def _token_factors(lm: Any, paths: Sequence[str], edits: Sequence[list[EditRequest]], extra: Sequence[str] = ()
+def _token_factors(lm: LoadedModel, paths: Sequence[str], edits: Sequence[list[EditRequest]], extra: Sequence[str] = ()
                    ) -> tuple[list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], list[torch.Tensor], Any]:
     """u and δ at every edited module for each edit's teacher-forced NLL, from one pass of the current model.
 
@@ -428,13 +421,14 @@ def _token_factors(lm: Any, paths: Sequence[str], edits: Sequence[list[EditReque
         return hook
 
     with torch.enable_grad():
-        log_probs, mask = batch.log_probs(lm, [(p, capture(p)) for p in paths])
-        index = torch.tensor(queries, device=device)
-        token_nll = -log_probs[index, torch.tensor(labels, device=device)]
+        logits, mask = batch.logits(lm, [(p, capture(p)) for p in paths])
+        target_logits = logits[torch.tensor(queries, device=device)]
+        label_ids = torch.tensor(labels, device=device)
         edit_of_query = torch.tensor(query_edit, device=device)
-        loss = _mean_by(token_nll, edit_of_query, len(edits)).sum()
+        loss = target_nll(target_logits, label_ids, groups=edit_of_query, n_groups=len(edits)).sum()
         deltas = torch.autograd.grad(loss, [store[p][1] for p in paths])
-    request_nll = _mean_by(token_nll.detach(), torch.tensor(query_request, device=device), n_edit_rows)
+    request_of_query = torch.tensor(query_request, device=device)
+    request_nll = target_nll(target_logits.detach(), label_ids, groups=request_of_query, n_groups=n_edit_rows)
     real = mask[:n_edit_rows].bool()
     token_edit = torch.tensor(row_edit, device=device)[:, None].expand_as(real)[real]
     factors = []
@@ -451,7 +445,7 @@ def _token_factors(lm: Any, paths: Sequence[str], edits: Sequence[list[EditReque
     for requests in edits:
         per_edit.append(request_nll[start:start + len(requests)])
         start += len(requests)
-    extra_lp = log_probs[len(queries):].detach() if extra else None
+    extra_lp = logits[len(queries):].detach().log_softmax(-1) if extra else None
     return factors, per_edit, extra_lp
 
 
@@ -473,7 +467,7 @@ def _low_rank_hook(factors: list[tuple[torch.Tensor, torch.Tensor]], bounds: lis
 class MENDTrainable(Trainable):
     """g and the α's, trained on edits of ``train`` requests (see the module docstring)."""
 
-    def __init__(self, lm: Any, params: MENDParams, train: Sequence[EditRequest],
+    def __init__(self, lm: LoadedModel, params: MENDParams, train: Sequence[EditRequest],
                  val: Sequence[EditRequest] = ()) -> None:
         if len(train) < 2:
             raise ValueError("MEND training needs at least two training requests")
@@ -529,20 +523,19 @@ class MENDTrainable(Trainable):
                 loc_edit.extend([e] * len(rows))
             bounds.append((start, len(batch.rows)))
         hooks = [(path, _low_rank_hook(per_path[i], bounds)) for i, path in enumerate(self.paths)]
-        log_probs, _ = batch.log_probs(lm, hooks)
+        logits, _ = batch.logits(lm, hooks)
         n = len(edits)
-        target_lp = log_probs[torch.tensor(target_q, device=device)]
+        target_logits = logits[torch.tensor(target_q, device=device)]
         label = torch.tensor(labels, device=device)
-        token_ll = target_lp.gather(1, label[:, None])[:, 0]
         target_edit = torch.tensor(target_edit, device=device)
-        correct = (target_lp.argmax(-1) == label).float()
-        post = log_probs[torch.tensor(loc_q, device=device)]
+        correct = (target_logits.detach().log_softmax(-1).argmax(-1) == label).float()
+        post = logits[torch.tensor(loc_q, device=device)].log_softmax(-1)
         kl = (base_lp.exp() * (base_lp - post)).sum(-1)  # base rows are in the same order as loc_q
         return {
             "nll_before": torch.stack([x.mean() for x in nll_before]),
-            "nll_after": -_mean_by(token_ll, target_edit, n),
-            "acc": (_mean_by(correct, target_edit, n) == 1).float(),
-            "loc_kl": _mean_by(kl, torch.tensor(loc_edit, device=device), n),
+            "nll_after": target_nll(target_logits, label, groups=target_edit, n_groups=n),
+            "acc": (group_mean(correct, target_edit, n) == 1).float(),
+            "loc_kl": group_mean(kl, torch.tensor(loc_edit, device=device), n),
         }
 
     def loss(self, batch: list[_Edit]) -> tuple[torch.Tensor, dict[str, float]]:
@@ -567,7 +560,7 @@ class MENDTrainable(Trainable):
 
 
 class MEND(Editor):
-    """Edit with a trained MEND network (load it with :func:`editkit.training.train_editor` first).
+    """Edit with a trained MEND network (load it with :func:`editkit.editors.trainer.train_editor` first).
 
     Args:
         net: an already trained (or, in tests, untrained) :class:`MENDNet` to use
@@ -579,10 +572,11 @@ class MEND(Editor):
     """
 
     name = "mend"
+    batch_edits = True
     params_class = MENDParams
     needs_training = True
 
-    def __init__(self, lm: Any, params: MENDParams, net: MENDNet | None = None) -> None:
+    def __init__(self, lm: LoadedModel, params: MENDParams, net: MENDNet | None = None) -> None:
         super().__init__(lm, params)
         self.module_paths = edited_modules(lm, params)
         if net is None:
@@ -593,13 +587,13 @@ class MEND(Editor):
         self.net = net.to(lm.device).eval()
 
     @classmethod
-    def artifact_key(cls, lm: Any, params: MENDParams) -> ArtifactKey:
+    def artifact_key(cls, lm: LoadedModel, params: MENDParams) -> ArtifactKey:
         return ArtifactKey(method="mend", model=lm.name, data=params.train_data,
                            data_digest=data_digest(params.train_data), digest=params.digest(),
                            command=train_command("mend", lm, params))
 
     @classmethod
-    def trainable(cls, lm: Any, params: MENDParams, train: Sequence[EditRequest],
+    def trainable(cls, lm: LoadedModel, params: MENDParams, train: Sequence[EditRequest],
                   val: Sequence[EditRequest] = ()) -> MENDTrainable:
         return MENDTrainable(lm, params, train, val)
 

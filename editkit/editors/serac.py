@@ -63,7 +63,7 @@ from torch import nn
 
 from ..config import Params
 from ..editing import EditHandle, Editor
-from ..models import ModelNotAvailableError
+from ..models import LoadedModel, ModelNotAvailableError
 from ..training import ArtifactKey, Trainable, data_digest, load_artifact, train_command
 from ..types import EditRequest
 
@@ -177,10 +177,11 @@ class SERAC(Editor):
     """Edit memory + trained scope classifier + the base model conditioned on the retrieved edit."""
 
     name = "serac"
+    batch_edits = True
     params_class = SERACParams
     needs_training = True
 
-    def __init__(self, lm: Any, params: SERACParams) -> None:
+    def __init__(self, lm: LoadedModel, params: SERACParams) -> None:
         super().__init__(lm, params)
         encoder, tokenizer = load_encoder(params.encoder, lm.device)
         self.classifier = ScopeClassifier(encoder, tokenizer, params).to(lm.device)
@@ -192,13 +193,13 @@ class SERAC(Editor):
     # -- training ---------------------------------------------------------------------------
 
     @classmethod
-    def artifact_key(cls, lm: Any, params: SERACParams) -> ArtifactKey:
+    def artifact_key(cls, lm: LoadedModel, params: SERACParams) -> ArtifactKey:
         """The classifier depends on its encoder, the data and the settings, not on the edited model."""
         return ArtifactKey(cls.name, params.encoder, params.train_data, data_digest(params.train_data),
                            params.digest(), train_command(cls.name, lm, params))
 
     @classmethod
-    def trainable(cls, lm: Any, params: SERACParams, train: Sequence[EditRequest],
+    def trainable(cls, lm: LoadedModel, params: SERACParams, train: Sequence[EditRequest],
                   val: Sequence[EditRequest]) -> ScopeTrainable:
         encoder, tokenizer = load_encoder(params.encoder, lm.device)
         return ScopeTrainable(ScopeClassifier(encoder, tokenizer, params).to(lm.device), params, train, val)
