@@ -23,9 +23,12 @@ _LAZY = {
     "evaluate": "editkit.benchmarks:evaluate",
     "aggregate": "editkit.benchmarks:aggregate",
     "edit_quality": "editkit.edit_metrics:edit_quality",
-    "StudyConfig": "editkit.runs:StudyConfig",
+    "load_edit_requests": "editkit.datasets:load_edit_requests",
+    "StudyConfig": "editkit.grid:StudyConfig",
     "run_study": "editkit.runs:run_study",
+    "load_results": "editkit.results:load_results",
     "load_study": "editkit.runs:load_study",
+    "describe_model": "editkit.modelinfo:describe_model",
 }
 
 __all__ = sorted(_LAZY)

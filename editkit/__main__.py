@@ -1,8 +1,10 @@
 """Command line: ``python -m editkit run study.yaml``, ``train`` and ``list``.
 
-``run`` takes a YAML file of :class:`editkit.runs.StudyConfig` fields (the papermill
-parameter files work as they are), runs or resumes the study, and writes the charts
-next to the results. ``train`` trains the learned component of MEND or SERAC once for
+``run`` takes a YAML file of :class:`editkit.grid.StudyConfig` fields (the papermill
+parameter files work as they are), runs or resumes every pending cell of the study
+grid, and writes the charts next to the results. ``--list-cells`` prints one line per
+cell (index, model, method, dataset, seed, batch size, state) without running
+anything; ``--cell I`` (repeatable) runs only cell I, for array jobs. ``train`` trains the learned component of MEND or SERAC once for
 a model (resuming an interrupted run) and saves it where the editor finds it:
 ``python -m editkit train mend --model smollm2-135m-instruct [--preset smoke|paper]
 [--set name=value ...]``. ``list`` shows the registered editors, tasks and offline models.
@@ -15,13 +17,17 @@ import logging
 import sys
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="editkit", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="run or resume a sequential-editing study from a YAML file")
     run.add_argument("config", help="YAML file of StudyConfig fields")
     run.add_argument("--results-dir", help="override results_dir")
     run.add_argument("--methods", nargs="+", help="run only these methods (default: the file's list)")
+    run.add_argument("--cell", type=int, action="append", metavar="I",
+                     help="run only cell I (repeat for several; see --list-cells)")
+    run.add_argument("--list-cells", action="store_true", help="list the grid's cells and their state, run nothing")
+    run.add_argument("--no-charts", action="store_true", help="do not write the charts after the run")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
     train = commands.add_parser("train", help="train MEND's or SERAC's learned component (resumes)")
     train.add_argument("method", help="a trained editor: mend or serac")
@@ -35,40 +41,44 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("--force", action="store_true", help="retrain even if an artifact exists")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
     commands.add_parser("list", help="registered editors, benchmark tasks and offline models")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    return parser
 
-    if args.command == "list":
-        from .benchmarks import list_tasks
-        from .editors import list_editors
-        from .models import CATALOG
 
-        sys.stdout.write(f"editors: {', '.join(list_editors())}\n")
-        sys.stdout.write(f"tasks:   {', '.join(list_tasks())}\n")
-        sys.stdout.write(f"models:  {', '.join(sorted(CATALOG))} (or any hub id / local folder)\n")
-        return 0
+def _list() -> int:
+    from .benchmarks import list_tasks
+    from .datasets import list_edit_datasets
+    from .editors import list_editors
+    from .models import CATALOG
 
-    if args.command == "train":
-        from .models import load_model
-        from .editors.trainer import train_editor
+    sys.stdout.write(f"editors:  {', '.join(list_editors())}\n")
+    sys.stdout.write(f"tasks:    {', '.join(list_tasks())}\n")
+    sys.stdout.write(f"datasets: {', '.join(list_edit_datasets())}\n")
+    sys.stdout.write(f"models:   {', '.join(sorted(CATALOG))} (or any hub id / local folder)\n")
+    return 0
 
-        overrides = {}
-        for item in args.set:
-            name, sep, value = item.partition("=")
-            if not sep:
-                parser.error(f"--set expects NAME=VALUE, got {item!r}")
-            overrides[name] = value.split(",") if "," in value else value
-        lm = load_model(args.model, dtype=args.dtype, device=args.device)
-        folder = train_editor(args.method, lm, preset=args.preset, config_file=args.config, force=args.force,
-                              progress=not args.quiet, **overrides)
-        sys.stdout.write(f"{folder}\n")
-        return 0
 
+def _train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from .editors.trainer import train_editor
+    from .models import load_model
+
+    overrides = {}
+    for item in args.set:
+        name, sep, value = item.partition("=")
+        if not sep:
+            parser.error(f"--set expects NAME=VALUE, got {item!r}")
+        overrides[name] = value.split(",") if "," in value else value
+    lm = load_model(args.model, dtype=args.dtype, device=args.device)
+    folder = train_editor(args.method, lm, preset=args.preset, config_file=args.config, force=args.force,
+                          progress=not args.quiet, **overrides)
+    sys.stdout.write(f"{folder}\n")
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from .config import load_yaml
-    from .runs import StudyConfig, run_study
-    from .viz import edit_quality_curves, save_chart, score_curves
+    from .runs import StudyConfig, cell_states, run_study
 
     values = load_yaml(args.config)
     if args.results_dir:
@@ -76,13 +86,33 @@ def main(argv: list[str] | None = None) -> int:
     if args.methods:
         values["methods"] = args.methods
     config = StudyConfig.from_dict(values, where=args.config)
-    result = run_study(config, progress=not args.quiet)
+    if args.list_cells:
+        for row in cell_states(config):
+            sys.stdout.write("{cell:>4}  {model}  {method}  {dataset}  seed={seed}  batch={edit_batch_size}  "
+                             "{state}  {run_id}\n".format(**row))
+        return 0
+    result = run_study(config, progress=not args.quiet, cells=args.cell)
     out = Path(config.results_dir)
-    save_chart(score_curves(result.scores), out / "score_curves")
-    if len(result.edit_quality):
-        save_chart(edit_quality_curves(result.edit_quality), out / "edit_quality_curves")
+    if not args.no_charts and len(result.scores):
+        from .viz import edit_quality_curves, save_chart, score_curves
+
+        save_chart(score_curves(result.scores), out / "score_curves")
+        if len(result.edit_quality):
+            save_chart(edit_quality_curves(result.edit_quality), out / "edit_quality_curves")
     logging.getLogger("editkit").info("results in %s", out)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse ``argv`` (default ``sys.argv[1:]``) and run the command; returns the exit status."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.command == "list":
+        return _list()
+    if args.command == "train":
+        return _train(args, parser)
+    return _run(args)
 
 
 if __name__ == "__main__":

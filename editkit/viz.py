@@ -1,4 +1,4 @@
-"""Altair chart builders over the tidy frames of :class:`editkit.runs.StudyResult`.
+"""Altair chart builders over the tidy frames of :class:`editkit.results.Results`.
 
 Every builder takes a data frame and returns an ``alt.Chart`` (or a compound chart);
 none displays, saves or reads files. :func:`save_chart` writes a chart next to the
@@ -24,7 +24,7 @@ from pathlib import Path
 import altair as alt
 import pandas as pd
 
-__all__ = ["CHANCE_LEVELS", "NON_SCORE_METRICS", "score_curves", "edit_quality_curves", "save_chart"]
+__all__ = ["CHANCE_LEVELS", "NON_SCORE_METRICS", "curves", "score_curves", "edit_quality_curves", "save_chart"]
 
 # Accuracy of uniform guessing, by task. MMLU has four options in both the cloze
 # (likelihood) and the lettered (generation) formats; GSM8K has no chance level.
@@ -79,18 +79,151 @@ def _ordered(values: Iterable[str], preferred: Sequence[str] | None = None) -> l
     return [v for v in preferred if v in seen] + [v for v in seen if v not in preferred]
 
 
+def _x_encoding(frame: pd.DataFrame, x: str, title: str | None) -> alt.X:
+    if x == "n_edits":
+        return _x_axis(frame["n_edits"], title or "number of sequential edits")
+    # Model sizes and other positive quantities span orders of magnitude: log scale.
+    positive = pd.to_numeric(frame[x], errors="coerce").dropna()
+    scale = alt.Scale(type="log") if len(positive) and (positive > 0).all() else alt.Scale()
+    return alt.X(f"{x}:Q", title=title or x.replace("_", " "), scale=scale)
+
+
+def curves(
+    frame: pd.DataFrame,
+    *,
+    x: str = "n_edits",
+    color: str = "method",
+    facet: str | None = None,
+    row: str | None = None,
+    column: str | None = None,
+    dash: str | None = None,
+    detail: str = "run_id",
+    y_title: str = "score",
+    y_domain: Sequence[float] | None = None,
+    x_title: str | None = None,
+    color_order: Sequence[str] | None = None,
+    color_title: str | None = None,
+    facet_order: Sequence[str] | None = None,
+    row_order: Sequence[str] | None = None,
+    column_order: Sequence[str] | None = None,
+    columns: int = 3,
+    band_opacity: float = 0.18,
+    title: str = "",
+    subtitle: str = "",
+    tooltip: Sequence[str] = (),
+) -> alt.FacetChart:
+    """The one chart builder: lines of ``value`` against ``x`` with 95% CI bands, faceted.
+
+    Every chart of the study is this builder with other axis choices: scores against
+    the number of edits coloured by method (RQ1), by model for instruct against base
+    (RQ2), the drop against model size (RQ3), one panel per capability (RQ4).
+
+    Args:
+        frame: tidy rows with ``value``, optionally ``ci_low``/``ci_high`` (the band),
+            ``collapsed`` with ``collapse_y`` (a red cross instead of a score) and
+            ``chance`` (a dashed rule per panel), and the columns named below.
+        x: quantitative column for the x axis. ``n_edits`` gets the symlog axis of
+            the study's checkpoints; another positive column (``n_params``) a log axis.
+        color: nominal column for colour (one line per value and ``detail``).
+        facet: one panel per value of this column, wrapped at ``columns``; or
+        row, column: a grid of panels by these two columns (instead of ``facet``).
+        dash: nominal column for the stroke dash (e.g. ``model`` when colour is the method).
+        detail: column that separates lines of the same colour (a run).
+        y_title, y_domain, x_title: axis titles and a fixed y range.
+        color_order, facet_order, row_order, column_order: value orders (default: as they appear).
+        color_title: legend title (default: the colour column's name).
+        band_opacity: opacity of one run's CI band; fainter when many runs share a panel.
+        title, subtitle: the chart's title.
+        tooltip: extra columns shown on hover.
+
+    Raises:
+        ValueError: no rows, or a named column is missing.
+    """
+    if frame.empty:
+        raise ValueError("no rows to draw")
+    named = [c for c in (x, color, facet, row, column, dash, detail) if c is not None]
+    missing = [c for c in named if c not in frame.columns]
+    if missing:
+        raise ValueError(f"columns {missing} are not in the frame (it has {list(frame.columns)})")
+    frame = frame.copy()
+    for flag, fill in (("collapsed", False), ("collapse_y", float("nan")), ("chance", float("nan"))):
+        if flag not in frame:
+            frame[flag] = fill
+    color_domain = list(color_order) if color_order is not None else sorted(frame[color].astype(str).unique())
+    color_encoding = _color(color, color_domain, color_title or color.replace("_", " "))
+    series: dict[str, object] = {"detail": f"{detail}:N"}
+    if dash is not None:
+        series["strokeDash"] = alt.StrokeDash(f"{dash}:N", title=dash.replace("_", " "))
+    y_scale = alt.Scale(domain=list(y_domain)) if y_domain is not None else alt.Undefined
+    y = alt.Y("value:Q", title=y_title, scale=y_scale)
+    hover = [alt.Tooltip(f"{c}:N") for c in dict.fromkeys([c for c in ("model", "method", color, dash) if c
+                                                                   and c in frame])]
+    hover += [alt.Tooltip(f"{x}:Q"), alt.Tooltip("value:Q", format=".4f")]
+    hover += [alt.Tooltip(f"{c}:Q", format=".4f", title=f"95% CI {c[3:]}") for c in ("ci_low", "ci_high") if c in frame]
+    hover += [alt.Tooltip(f"{c}") for c in tooltip if c in frame]
+    base = alt.Chart().encode(x=_x_encoding(frame, x, x_title))
+    layers = []
+    if "ci_low" in frame and "ci_high" in frame:
+        layers.append(
+            base.transform_filter("isValid(datum.ci_low) && isValid(datum.ci_high) && !datum.collapsed")
+            .mark_area(opacity=_band_opacity(frame[detail].nunique(), band_opacity))
+            .encode(y=alt.Y("ci_low:Q", title=y_title, scale=y_scale), y2="ci_high:Q", color=color_encoding,
+                    **series))
+    scored = base.transform_filter("isValid(datum.value) && !datum.collapsed")
+    layers.append(scored.mark_line(strokeWidth=1.8).encode(y=y, color=color_encoding, **series))
+    layers.append(scored.mark_point(filled=True, size=36).encode(y=y, color=color_encoding, tooltip=hover))
+    if frame["collapsed"].any():
+        # Fixed red rather than the series colour: a collapse must stand out from every line.
+        layers.append(
+            base.transform_filter("datum.collapsed")
+            .mark_point(shape="cross", filled=True, size=140, color=_COLLAPSE_COLOR, opacity=1)
+            .encode(y=alt.Y("collapse_y:Q", title=y_title), tooltip=hover))
+    if frame["chance"].notna().any():
+        # One rule per panel; mean() collapses the identical per-row levels to one value.
+        layers.append(
+            alt.Chart().transform_filter("isValid(datum.chance)")
+            .mark_rule(strokeDash=[5, 4], color="gray", opacity=0.8)
+            .encode(y=alt.Y("mean(chance):Q", title=y_title),
+                    tooltip=[alt.Tooltip("mean(chance):Q", title="chance")]))
+    layered = alt.layer(*layers, data=frame).properties(width=_PANEL_WIDTH, height=_PANEL_HEIGHT)
+    chart = _facet(layered, frame, facet, facet_order, columns, row, row_order, column, column_order)
+    return chart.properties(title=alt.TitleParams(title, subtitle=subtitle) if subtitle else title)
+
+
+def _facet(layered: alt.LayerChart, frame: pd.DataFrame, facet: str | None, facet_order: Sequence[str] | None,
+           columns: int, row: str | None, row_order: Sequence[str] | None, column: str | None,
+           column_order: Sequence[str] | None) -> alt.TopLevelMixin:
+    """Panels by one wrapped column (``facet``), or a grid by ``row`` and ``column``, or none."""
+    def order(name: str, given: Sequence[str] | None) -> list[str]:
+        return list(given or _ordered(frame[name].astype(str)))
+
+    if facet is not None:
+        return layered.facet(facet=alt.Facet(f"{facet}:N", title=None, sort=order(facet, facet_order),
+                                             header=alt.Header(labelFontWeight="bold")), columns=columns)
+    facets = {}
+    if row is not None:
+        facets["row"] = alt.Row(f"{row}:N", title=None if row == "metric" else row, sort=order(row, row_order))
+    if column is not None:
+        facets["column"] = alt.Column(f"{column}:N", title=column, sort=order(column, column_order))
+    return layered.facet(**facets) if facets else layered
+
+
 def score_curves(
     scores: pd.DataFrame,
     tasks: Sequence[str] | None = None,
     metrics: Sequence[str] | None = None,
     chance: Mapping[str, float] | None = None,
     columns: int = 3,
+    *,
+    x: str = "n_edits",
+    color: str = "method",
+    dash: str | None = None,
 ) -> alt.FacetChart:
     """Benchmark score against the number of edits, one panel per (task, metric).
 
     Args:
-        scores: ``StudyResult.scores`` (run_id, model, method, n_edits, task, metric,
-            value, ci_low, ci_high, n, status).
+        scores: ``Results.scores`` (run_id, model, method, n_edits, task, metric,
+            value, ci_low, ci_high, n, status; any grid axes).
         tasks: tasks to draw, in panel order. Default: every task except the
             per-subject ``"mmlu/<subject>"`` breakdowns.
         metrics: metrics to draw, in panel order. Default: all present, except
@@ -100,10 +233,12 @@ def score_curves(
         chance: chance level by task (default :data:`CHANCE_LEVELS`), drawn as a dashed
             rule in every panel of that task except failure-rate metrics.
         columns: panels per row.
+        x, color, dash: axis choices of :func:`curves`. By default colour is the
+            method, dashed by model when there are several.
 
     Returns:
-        A faceted chart: 95% CI band under line and points, coloured by method (dashed
-        by model when there are several); collapsed checkpoints as red crosses at 0.
+        A faceted chart: 95% CI band under line and points; collapsed checkpoints as
+        red crosses at 0.
     """
     chance = CHANCE_LEVELS if chance is None else chance
     frame = scores.copy()
@@ -128,76 +263,23 @@ def score_curves(
     frame["panel"] = frame["task"] + " · " + frame["metric"]
     panel_order = [f"{t} · {m}" for t in task_order for m in metric_order]
     panel_order = [p for p in panel_order if p in set(frame["panel"])]
-
-    collapsed = frame["status"].eq("collapsed")
-    frame["collapsed"] = collapsed
-    frame["collapse_y"] = 0.0
-    frame.loc[~collapsed, "collapse_y"] = float("nan")
+    status = frame["status"] if "status" in frame else pd.Series("ok", index=frame.index)
+    frame["collapsed"] = status.eq("collapsed")
+    frame["collapse_y"] = [0.0 if c else float("nan") for c in frame["collapsed"]]
     frame["chance"] = [
         float("nan") if m in NON_SCORE_METRICS else chance.get(t, float("nan"))
         for t, m in zip(frame["task"], frame["metric"])
     ]
-    columns_kept = ["run_id", "model", "method", "n_edits", "task", "metric", "panel", "value",
-                    "ci_low", "ci_high", "n", "status", "collapsed", "collapse_y", "chance"]
-    frame = frame[columns_kept].sort_values(["panel", "run_id", "n_edits"]).reset_index(drop=True)
-
-    methods = sorted(frame["method"].unique())
-    several_models = frame["model"].nunique() > 1
-    x = _x_axis(frame["n_edits"])
-    color = _color("method", methods, "method")
-    series = {"detail": "run_id:N"}
-    if several_models:
-        series["strokeDash"] = alt.StrokeDash("model:N", title="model")
-    tooltip = [
-        alt.Tooltip("model:N"), alt.Tooltip("method:N"), alt.Tooltip("n_edits:Q", title="edits"),
-        alt.Tooltip("task:N"), alt.Tooltip("metric:N"), alt.Tooltip("value:Q", format=".4f"),
-        alt.Tooltip("ci_low:Q", format=".4f", title="95% CI low"),
-        alt.Tooltip("ci_high:Q", format=".4f", title="95% CI high"),
-        alt.Tooltip("n:Q", title="items"), alt.Tooltip("status:N"),
-    ]
-
-    base = alt.Chart().encode(x=x)
-    scored = base.transform_filter("isValid(datum.value) && !datum.collapsed")
-    band = (
-        base.transform_filter("isValid(datum.ci_low) && isValid(datum.ci_high) && !datum.collapsed")
-        .mark_area(opacity=_band_opacity(frame["run_id"].nunique(), 0.18))
-        .encode(y=alt.Y("ci_low:Q", title="score"), y2="ci_high:Q", color=color, **series)
-    )
-    line = scored.mark_line(strokeWidth=1.8).encode(y=alt.Y("value:Q", title="score"), color=color, **series)
-    points = scored.mark_point(filled=True, size=36).encode(
-        y=alt.Y("value:Q", title="score"), color=color, tooltip=tooltip
-    )
-    # Fixed red rather than the method colour: a collapse must stand out from every line.
-    collapse = (
-        base.transform_filter("datum.collapsed")
-        .mark_point(shape="cross", filled=True, size=140, color=_COLLAPSE_COLOR, opacity=1)
-        .encode(y=alt.Y("collapse_y:Q", title="score"), tooltip=tooltip)
-    )
-    # One rule per panel; mean() collapses the identical per-row levels to one value.
-    chance_rule = (
-        alt.Chart()
-        .transform_filter("isValid(datum.chance)")
-        .mark_rule(strokeDash=[5, 4], color="gray", opacity=0.8)
-        .encode(y=alt.Y("mean(chance):Q", title="score"), tooltip=[alt.Tooltip("mean(chance):Q", title="chance")])
-    )
-    layered = alt.layer(band, line, points, collapse, chance_rule, data=frame).properties(
-        width=_PANEL_WIDTH, height=_PANEL_HEIGHT
-    )
-    return (
-        layered.facet(
-            facet=alt.Facet("panel:N", title=None, sort=panel_order, header=alt.Header(labelFontWeight="bold")),
-            columns=columns,
-        )
-        # GSM8K on a small model sits near 0 while MMLU sits near 0.25+: shared y hides one.
-        .resolve_scale(y="independent")
-        .properties(
-            title=alt.TitleParams(
-                "General abilities vs number of sequential edits",
-                subtitle="band: 95% CI · dashed: chance level · red ✕: collapsed checkpoint (no score)"
-                + (f" · {', '.join(never_failed)}: 0 throughout, not drawn" if never_failed else ""),
-            )
-        )
-    )
+    frame = frame.sort_values(["panel", "run_id", x]).reset_index(drop=True)
+    if dash is None and color != "model" and frame["model"].nunique() > 1:
+        dash = "model"
+    chart = curves(frame, x=x, color=color, dash=dash, facet="panel", facet_order=panel_order, columns=columns,
+                   y_title="score", tooltip=("task", "metric", "n", "status"),
+                   title="General abilities vs number of sequential edits" if x == "n_edits" else f"Scores vs {x}",
+                   subtitle="band: 95% CI · dashed: chance level · red ✕: collapsed checkpoint (no score)"
+                   + (f" · {', '.join(never_failed)}: 0 throughout, not drawn" if never_failed else ""))
+    # GSM8K on a small model sits near 0 while MMLU sits near 0.25+: shared y hides one.
+    return chart.resolve_scale(y="independent")
 
 
 def edit_quality_curves(edit_quality: pd.DataFrame, convention: str | None = None) -> alt.FacetChart:
@@ -214,7 +296,7 @@ def edit_quality_curves(edit_quality: pd.DataFrame, convention: str | None = Non
       metric and columns the scope, for one convention.
 
     Args:
-        edit_quality: ``StudyResult.edit_quality`` (run_id, model, method, n_edits,
+        edit_quality: ``Results.edit_quality`` (run_id, model, method, n_edits,
             scope, metric, convention, value, ci_low, ci_high, n).
         convention: draw only this convention. Default: both for one run,
             ``"prob"`` (the study's) for several.
@@ -238,40 +320,19 @@ def edit_quality_curves(edit_quality: pd.DataFrame, convention: str | None = Non
     frame["series"] = frame["model"] + " · " + frame["method"] if several_models else frame["method"]
     frame = frame.sort_values(["scope", "convention", "run_id", "metric", "n_edits"]).reset_index(drop=True)
     metrics = _ordered(frame["metric"], ["reliability", "generalization", "locality"])
+    options: dict[str, object]
     if several_runs:
-        color = _color("series", sorted(frame["series"].unique()), "model · method" if several_models else "method")
-        facets = {"row": alt.Row("metric:N", title=None, sort=metrics),
-                  "column": alt.Column("scope:N", title="scope", sort=["latest", "retention"])}
+        options = {"color": "series", "color_order": sorted(frame["series"].unique()), "row": "metric",
+                   "color_title": "model · method" if several_models else "method",
+                   "row_order": metrics, "column": "scope", "column_order": ["latest", "retention"]}
         subtitle = (f"{convention} convention · latest: the edits of the last step · "
                     "retention: every edit so far · band: 95% CI")
     else:
-        color = _color("metric", metrics, "metric")
-        facets = {"row": alt.Row("scope:N", title="scope", sort=["latest", "retention"]),
-                  "column": alt.Column("convention:N", title="convention", sort=["prob", "token"])}
+        options = {"color": "metric", "color_order": metrics, "row": "scope", "row_order": ["latest", "retention"],
+                   "column": "convention", "column_order": ["prob", "token"]}
         subtitle = "latest: the edits of the last step · retention: every edit so far · band: 95% CI"
-    x = _x_axis(frame["n_edits"])
-    series = {"detail": "run_id:N"}
-    y = alt.Y("value:Q", title="rate", scale=alt.Scale(domain=[0, 1]))
-    tooltip = [
-        alt.Tooltip("model:N"), alt.Tooltip("method:N"), alt.Tooltip("n_edits:Q", title="edits"),
-        alt.Tooltip("scope:N"), alt.Tooltip("convention:N"), alt.Tooltip("metric:N"),
-        alt.Tooltip("value:Q", format=".3f"), alt.Tooltip("ci_low:Q", format=".3f", title="95% CI low"),
-        alt.Tooltip("ci_high:Q", format=".3f", title="95% CI high"), alt.Tooltip("n:Q", title="items"),
-    ]
-    base = alt.Chart().encode(x=x)
-    band = (
-        base.transform_filter("isValid(datum.ci_low) && isValid(datum.ci_high)")
-        .mark_area(opacity=_band_opacity(frame["run_id"].nunique(), 0.15))
-        .encode(y=alt.Y("ci_low:Q", title="rate", scale=alt.Scale(domain=[0, 1])), y2="ci_high:Q",
-                color=color, **series)
-    )
-    valid = base.transform_filter("isValid(datum.value)")
-    line = valid.mark_line(strokeWidth=1.8).encode(y=y, color=color, **series)
-    points = valid.mark_point(filled=True, size=36).encode(y=y, color=color, tooltip=tooltip)
-    layered = alt.layer(band, line, points, data=frame).properties(width=_PANEL_WIDTH, height=_PANEL_HEIGHT)
-    return layered.facet(**facets).properties(
-        title=alt.TitleParams("Edit quality vs number of sequential edits", subtitle=subtitle)
-    )
+    return curves(frame, y_title="rate", y_domain=(0, 1), band_opacity=0.15, tooltip=("scope", "convention", "n"),
+                  title="Edit quality vs number of sequential edits", subtitle=subtitle, **options)
 
 
 def save_chart(chart: alt.TopLevelMixin, path_stem: str | Path, scale_factor: float = 2.0) -> list[Path]:

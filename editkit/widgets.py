@@ -1,7 +1,7 @@
 """ipywidgets explorers over saved study results.
 
 Widgets are views: everything they show is computed by the table functions below
-from the frames of a :class:`~editkit.runs.StudyResult`, which :func:`editkit.runs.load_study`
+from the frames of a :class:`~editkit.results.Results`, which :func:`editkit.results.load_results`
 reads from files. Nothing here runs a model or holds a result that is not on disk,
 so a notebook executed headless (where widget callbacks never fire) loses no result.
 """
@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING, Any
 import ipywidgets as widgets
 import pandas as pd
 
-if TYPE_CHECKING:  # runs.py imports torch; the explorer only needs the frames
-    from .runs import StudyResult
+if TYPE_CHECKING:  # the explorer only needs the frames
+    from .results import Results
 
 __all__ = [
     "CheckpointExplorer",
@@ -107,7 +107,7 @@ class CheckpointExplorer(widgets.VBox):
         output: the HTML pane that :meth:`render` fills.
     """
 
-    def __init__(self, result: StudyResult, n_generations: int = 3) -> None:
+    def __init__(self, result: Results, n_generations: int = 3) -> None:
         self.result = result
         self.n_generations = n_generations
         checkpoints = result.checkpoints
@@ -180,7 +180,7 @@ class CheckpointExplorer(widgets.VBox):
         return "\n".join(parts)
 
 
-def checkpoint_explorer(result: StudyResult, n_generations: int = 3) -> CheckpointExplorer:
+def checkpoint_explorer(result: Results, n_generations: int = 3) -> CheckpointExplorer:
     """A widget to step through a study's checkpoints.
 
     Shows, for the chosen run and number of edits: per-benchmark scores next to the

@@ -28,7 +28,7 @@ import torch
 from editkit import load_model
 from editkit.benchmarks import aggregate, evaluate, list_tasks
 from editkit.benchmarks.journal import journal_path
-from editkit.runs import write_items
+from editkit.store import write_items
 
 log = logging.getLogger("baseline_scores")
 

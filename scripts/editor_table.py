@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from editkit.runs import load_study
+from editkit.results import load_results
 
 QUALITY = ("reliability", "generalization", "locality")
 
@@ -34,7 +34,7 @@ def single_edit_table(folder: Path, suffix: str = "_n50.csv") -> str:
 
 def sequential_table(folder: Path, task: str = "mmlu_cloze") -> str:
     """Accuracy with CI and retention (prob convention) at every checkpoint, per method."""
-    study = load_study(folder)
+    study = load_results(folder)
     if not len(study.scores):
         return "(no finished checkpoints)"
     scores = study.scores.query("task == @task and metric == 'acc'")

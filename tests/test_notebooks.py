@@ -7,7 +7,8 @@
   ``parameters/<notebook>/*.yaml`` may only use the names of that cell, and merged over the
   cell's defaults must build a valid params object.
 * The cell right after the parameters cell validates them and must use every parameter,
-  so no papermill value is silently dropped.
+  so no papermill value is silently dropped: by name, or through the params class's
+  ``from_parameters(globals())``, which reads every field the namespace defines.
 
 Running the notebooks end to end is nbval's job (``pytest --nbval-lax notebooks/``).
 """
@@ -155,6 +156,14 @@ def test_validation_cell_uses_every_parameter(notebook_path):
     assert position + 1 < len(cells), "no validation cell after the parameters cell"
     validation = ast.parse(_python_source(cells[position + 1].source))
     used = {node.id for node in ast.walk(validation) if isinstance(node, ast.Name)}
+    reads_namespace = any(
+        isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "from_parameters"
+        and isinstance(node.func.value, ast.Name) and node.func.value.id == _params_class(notebook_path).__name__
+        and any(isinstance(a, ast.Call) and getattr(a.func, "id", None) == "globals" for a in node.args)
+        for node in ast.walk(validation)
+    )
+    if reads_namespace:  # every parameter that is a field is read; test_parameters_match_params_class checks the rest
+        used |= set(_params_class(notebook_path).field_names())
     unused = sorted(set(_defaults(notebook_path)) - used)
     assert not unused, f"the validation cell ignores parameters {unused}"
 
@@ -163,8 +172,10 @@ def test_validation_cell_uses_every_parameter(notebook_path):
 def test_parameters_match_params_class(notebook_path):
     params_class = _params_class(notebook_path)
     defaults = _defaults(notebook_path)
+    # Legacy one-value spellings (``model`` beside ``models``) need not be notebook parameters.
     fields = set(params_class.field_names())
-    assert set(defaults) == fields, (
+    legacy = set(getattr(params_class, "LEGACY_FIELDS", ()))
+    assert set(defaults) - fields == set() and fields - set(defaults) - legacy == set(), (
         f"parameters cell vs {params_class.__name__}: missing {sorted(fields - set(defaults))}, "
         f"extra {sorted(set(defaults) - fields)}"
     )

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from editkit import runs
+from editkit import protocol
 from editkit.runs import StudyConfig, load_study, run_study
 
 FAST_ROME = {"rome": {"layers": [1], "v_num_grad_steps": 3, "context_template_length_params": [[4, 2]]}}
@@ -28,13 +28,13 @@ class Killed(Exception):
 
 def counting_evaluate(monkeypatch) -> list[int]:
     calls: list[int] = []
-    original = runs._Run.evaluate
+    original = protocol.CheckpointProtocol.measure
 
-    def wrapped(self, n, latest, reference):
-        calls.append(n)
-        return original(self, n, latest, reference)
+    def wrapped(self, engine, requests, *args, **kwargs):
+        calls.append(len(requests))
+        return original(self, engine, requests, *args, **kwargs)
 
-    monkeypatch.setattr(runs._Run, "evaluate", wrapped)
+    monkeypatch.setattr(protocol.CheckpointProtocol, "measure", wrapped)
     return calls
 
 
@@ -111,9 +111,14 @@ def test_run_killed_mid_evaluation_keeps_finished_items(make_tiny, tmp_path, mon
 
 def test_state_digest_follows_the_edited_weights(make_tiny, tmp_path):
     from editkit.datasets import load_counterfact
+    from editkit.editors import get_editor
+    from editkit.sequential import SequentialRun
+    from editkit.store import RunStore
 
     lm = make_tiny("llama")
-    run = runs._Run(tiny_config(tmp_path), "rome", lm, [], progress=False)
+    (cell,) = tiny_config(tmp_path).cells()
+    editor = get_editor("rome", lm, **cell.editor_overrides)
+    run = SequentialRun(cell, lm, editor, [], RunStore(tmp_path / "run"), "run", progress=False)
     before = run.state_digest()
     run.session.apply(load_counterfact(n=1)[0])
     assert run.state_digest() != before, "a checkpoint's journal is keyed on the edited model"

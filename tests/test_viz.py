@@ -268,3 +268,19 @@ def test_checkpoint_explorer_single_run(result):
     explorer.slider.value = 0
     explorer.update()
     assert "no edit-quality rows" in explorer.output.value
+
+
+def test_one_builder_with_axis_choices(result):
+    from editkit.viz import curves
+
+    frame = result.scores[(result.scores["task"] == "mmlu_cloze") & (result.scores["metric"] == "acc")]
+    frame = frame.assign(n_params=frame["method"].map({"rome": 1.35e8, "memit": 2.7e8}), panel="mmlu_cloze")
+    spec = curves(frame, x="n_params", color="model", facet="panel").to_dict()
+    line = next(layer for layer in _layers(spec) if _mark(layer)["type"] == "line")
+    assert line["encoding"]["x"]["field"] == "n_params" and line["encoding"]["x"]["scale"]["type"] == "log"
+    assert line["encoding"]["color"]["field"] == "model"
+    assert spec["facet"]["field"] == "panel"
+    grid = curves(frame, row="method", column="task").to_dict()
+    assert grid["facet"]["row"]["field"] == "method" and grid["facet"]["column"]["field"] == "task"
+    with pytest.raises(ValueError, match=r"columns \['family'\]"):
+        curves(frame, color="family")

@@ -1,0 +1,193 @@
+"""One cell's sequential run: step through the edits, measure at checkpoints, resume.
+
+The edit sets are nested prefixes, so one pass gives the whole curve. Edits are applied
+``edit_batch_size`` at a time (1: one fact at a time, as in the paper). A rerun of the
+same cell continues from its last finished checkpoint: the model and editor state
+saved there are loaded, the edits since are replayed, and benchmark items already
+evaluated for the interrupted checkpoint are read back from its journal when the
+replayed model is bit-identical (a digest of the edited weights and editor state is
+part of the journal key; otherwise they are evaluated again).
+
+NaN or Inf in edited weights or in the model's outputs is recorded as a collapse at
+that checkpoint (and every later one), not raised.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
+
+from .benchmarks.engine import Engine
+from .datasets import data_checksums, load_edit_requests
+from .edit_metrics import edit_quality, locality_reference
+from .editing import EditCollapseError, EditSession
+from .editors import get_editor
+from .modelinfo import describe_model
+from .protocol import CheckpointProtocol, nonfinite_outputs
+from .store import RunStore, state_digest
+from .types import EditRequest
+
+if TYPE_CHECKING:
+    from .editing import Editor
+    from .grid import Cell
+    from .models import LoadedModel
+
+__all__ = ["SequentialRun", "run_cell"]
+
+log = logging.getLogger(__name__)
+
+
+class SequentialRun:
+    """The live state of one cell: the editor, its session, the position in the edit sequence."""
+
+    def __init__(self, cell: Cell, lm: LoadedModel, editor: Editor, requests: Sequence[EditRequest],
+                 store: RunStore, run_id: str, progress: bool = True) -> None:
+        self.cell, self.lm, self.editor, self.requests = cell, lm, editor, list(requests)
+        self.store, self.run_id, self.progress = store, run_id, progress
+        self.session = EditSession(editor)
+        self.engine = Engine(lm, batch_size=cell.study.batch_size, progress=False)
+        self.protocol = CheckpointProtocol(tasks=tuple(cell.study.tasks), limits=cell.limits(),
+                                           max_new_tokens=cell.study.max_new_tokens, seed=cell.seed,
+                                           n_generation_examples=cell.study.n_generation_examples)
+        self.position = 0  # number of edits applied to the model right now
+        self.collapse: str | None = None
+
+    def reference(self) -> list:
+        """Unedited locality answers for every request, computed before any edit is loaded."""
+        stored = self.store.read_reference()
+        if len(stored) < len(self.requests):
+            if self.position or self.session.touched:
+                raise RuntimeError("locality references must be computed on the unedited model")
+            stored = stored + locality_reference(self.engine, self.requests[len(stored):])
+            self.store.write_reference(stored)
+        return [[None if r is None else {"greedy": tuple(r["greedy"]), "prefers_answer": r["prefers_answer"]}
+                 for r in per_request] for per_request in stored[:len(self.requests)]]
+
+    def state_digest(self) -> str:
+        return state_digest(self.session.edited_state(), self.editor.state_dict())
+
+    def load(self, n: int) -> None:
+        """Put the model (and editor) in the state saved at checkpoint ``n``."""
+        self.session.restore()
+        meta, weights, editor_state = self.store.load_checkpoint(n, self.lm.device)
+        if meta["status"] == "collapsed":
+            self.collapse = meta["reason"]
+        if weights:
+            self.session.load_edited_state(weights)
+        if editor_state is not None:
+            self.editor.load_state_dict(editor_state)
+        self.position = n
+
+    def advance(self, n: int, reference: list, bar: tqdm) -> pd.DataFrame:
+        """Apply edits ``position+1 .. n`` in batches; returns their immediate-quality rows."""
+        rows = []
+        size = self.cell.edit_batch_size
+        while self.position < n and self.collapse is None:
+            start = self.position
+            batch = self.requests[start:min(start + size, n)]
+            started = time.perf_counter()
+            try:
+                handle = self.session.apply(batch)
+            except EditCollapseError as error:
+                self.collapse = f"edits {start + 1}-{start + len(batch)} ({batch[0].case_id!r}...): {error}"
+                log.warning("run %s collapsed: %s", self.run_id, self.collapse)
+                break
+            seconds = (time.perf_counter() - started) / len(batch)
+            quality = edit_quality(self.engine, batch, reference[start:start + len(batch)])
+            infos = handle.info if len(handle.info) == len(batch) else [{} for _ in batch]
+            for offset, (record, info) in enumerate(zip(quality.to_dict("records"), infos)):
+                losses = info.get("losses") if isinstance(info, dict) else None
+                rows.append({"edit": start + offset + 1, **record, "edit_seconds": seconds,
+                             "final_loss": float(losses[-1]) if losses else np.nan})
+            self.position += len(batch)
+            bar.update(len(batch))
+        return pd.DataFrame(rows)
+
+    def checkpoint(self, n: int, reference: list, bar: tqdm) -> dict[str, Any]:
+        """Reach ``n`` edits, measure, save checkpoint ``n``; returns its meta."""
+        edit_started = time.perf_counter()
+        latest = self.advance(n, reference, bar)
+        edit_seconds = time.perf_counter() - edit_started
+        eval_started = time.perf_counter()
+        frames: dict[str, pd.DataFrame] = {}
+        if self.collapse is None:
+            # The key ties the item journal to this exact model state: a replay that differs starts over.
+            key = f"{self.lm.name} after {n} edits of {self.run_id}, state {self.state_digest()}"
+            frames = self.protocol.measure(self.engine, self.requests[:n], reference, latest,
+                                           self.protocol.probe_prompts(self.requests), progress=self.progress,
+                                           journal=self.store.partial_dir(n), journal_key=key)
+            if nonfinite_outputs(frames["items"]):
+                self.collapse = f"non-finite model outputs at {n} edits"
+                log.warning("run %s: %s", self.run_id, self.collapse)
+        if self.collapse is not None:
+            frames = {"scores": self.protocol.collapsed_scores()}
+        frames["edits"] = latest
+        meta = {"n_edits": n, "status": "ok" if self.collapse is None else "collapsed",
+                "reason": self.collapse or "", "edit_seconds": edit_seconds,
+                "eval_seconds": time.perf_counter() - eval_started, "run_id": self.run_id,
+                **self.cell.axes()}
+        keep_state = meta["status"] == "ok" and n > 0
+        self.store.save_checkpoint(n, frames, meta,
+                                   weights=self.session.edited_state() if keep_state and self.session.touched else None,
+                                   editor_state=self.editor.state_dict() if keep_state else None)
+        return meta
+
+
+def run_cell(cell: Cell, lm: LoadedModel, results_dir: str | Path, *, progress: bool = True,
+             on_checkpoint: Callable[[int, str], None] | None = None) -> str:
+    """Run (or resume) one cell on the loaded model ``lm``; returns its run id.
+
+    Args:
+        cell: the grid point (model, method, dataset, seed, batch size) and its study.
+        lm: the cell's model, loaded; the cell's ``model`` names it in the results.
+        results_dir: the results root; the cell's folder is ``<results_dir>/<run id>``.
+        progress: progress bars over edits and benchmark items.
+        on_checkpoint: called as ``on_checkpoint(n_edits, run_id)`` after each checkpoint is saved.
+
+    The model is returned to its unedited weights before this returns, also on error.
+    """
+    study = cell.study
+    requests = load_edit_requests(cell.dataset, study.split, study.n_edits,
+                                  shuffle_seed=cell.seed if study.shuffle_edits else study.shuffle_seed) \
+        if study.n_edits else []
+    if len(requests) < study.n_edits:
+        raise ValueError(f"{cell.dataset}/{study.split} has only {len(requests)} usable records")
+    editor = get_editor(cell.method, lm, **cell.editor_overrides)
+    run_id = cell.run_id(editor.params.digest())
+    store = RunStore(Path(results_dir) / run_id)
+    info = describe_model(cell.model, cell.declared_info, lm)
+    store.write_manifest(
+        {**study.to_dict(), **cell.axes(), "method": cell.method, "editor_params": editor.params.to_dict(),
+         "model_info": info.to_dict(), "cell": cell.index},
+        {"run_id": run_id, "study_digest": study.digest(), "editor": cell.method,
+         "editor_params_digest": editor.params.digest(), "model": lm.name, "model_source": lm.source,
+         "model_info": info.to_dict(), "axes": cell.axes(), "device": str(lm.device),
+         "data_checksums": data_checksums(cell.dataset, study.split)})
+    run = SequentialRun(cell, lm, editor, requests, store, run_id, progress)
+    reference = run.reference()
+    finished = store.finished()
+    todo = [n for n in cell.checkpoints() if n not in finished]
+    bar = tqdm(total=study.n_edits, desc=f"{cell.model} · {cell.method} edits", disable=not progress, unit="edit")
+    try:
+        for n in todo:
+            start_from = max([c for c in finished if c <= n], default=0)
+            if run.position > n or run.position < start_from:  # the live model is not usable for n
+                run.load(start_from)
+            bar.n = run.position
+            bar.refresh()
+            run.checkpoint(n, reference, bar)
+            finished.append(n)
+            if on_checkpoint is not None:
+                on_checkpoint(n, run_id)
+    finally:
+        bar.close()
+        run.session.restore()  # the loaded model is shared by the next cell
+    return run_id
+
