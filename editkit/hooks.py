@@ -40,37 +40,36 @@ def get_parameter(model: nn.Module, path: str) -> nn.Parameter:
 
 
 @contextlib.contextmanager
-def forward_hooks(model: nn.Module, hooks: Sequence[tuple[str, HookFn]]) -> Iterator[None]:
+def _registered(model: nn.Module, hooks: Sequence[tuple[str, Callable]], pre: bool) -> Iterator[None]:
+    # Every hook is removed in `finally`, also when registering a later one fails.
+    handles = []
+    try:
+        for path, fn in hooks:
+            module = get_module(model, path)
+            handles.append(module.register_forward_pre_hook(fn) if pre else module.register_forward_hook(fn))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def forward_hooks(model: nn.Module, hooks: Sequence[tuple[str, HookFn]]) -> contextlib.AbstractContextManager[None]:
     """Register ``(module_path, fn)`` forward hooks for the duration of the block.
 
     ``fn(module, inputs, output)`` may return a replacement output, as in
     :meth:`torch.nn.Module.register_forward_hook`.
     """
-    handles = []
-    try:
-        for path, fn in hooks:
-            handles.append(get_module(model, path).register_forward_hook(fn))
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
+    return _registered(model, hooks, pre=False)
 
 
-@contextlib.contextmanager
-def forward_pre_hooks(model: nn.Module, hooks: Sequence[tuple[str, PreHookFn]]) -> Iterator[None]:
+def forward_pre_hooks(model: nn.Module, hooks: Sequence[tuple[str, PreHookFn]]
+                      ) -> contextlib.AbstractContextManager[None]:
     """Register ``(module_path, fn)`` forward *pre*-hooks for the duration of the block.
 
     ``fn(module, inputs)`` may return replacement inputs, as in
     :meth:`torch.nn.Module.register_forward_pre_hook`.
     """
-    handles = []
-    try:
-        for path, fn in hooks:
-            handles.append(get_module(model, path).register_forward_pre_hook(fn))
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
+    return _registered(model, hooks, pre=True)
 
 
 def inputs_only_at(model: nn.Module, path: str, rows: torch.Tensor, positions: torch.Tensor
