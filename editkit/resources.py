@@ -12,6 +12,7 @@ import functools
 import hashlib
 import lzma
 import os
+import secrets
 from importlib import resources as importlib_resources
 from pathlib import Path
 from typing import Any
@@ -27,10 +28,19 @@ class ChecksumError(RuntimeError):
 
 
 def _atomic(path: str | Path, write: Any) -> None:
+    """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it to ``path``.
+
+    The temporary name is unique per process and call, so concurrent writers of one path
+    never share (and never rename away) each other's temporary file; the last rename wins.
+    """
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def atomic_torch_save(obj: Any, path: str | Path) -> None:

@@ -1,10 +1,13 @@
 """The packaged data: every file matches MANIFEST.sha256, tampering is caught, and the
-manifest agrees with the source copy in ../shared/data when that is present."""
+manifest agrees with the source copy in ../shared/data when that is present. Also the
+atomic writers: concurrent writers of one path and a failed write leave no debris."""
 
 from __future__ import annotations
 
 import lzma
+import pickle
 import shutil
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -82,3 +85,35 @@ def test_manifest_matches_source_manifest() -> None:
     packaged = [line for line in packaged if not line.split(maxsplit=1)[1].startswith("toxigen/")]
     datasets = {line.split(maxsplit=1)[1].split("/", 1)[0] for line in packaged}
     assert sorted(packaged) == sorted(line for line in source if line.split(maxsplit=1)[1].split("/", 1)[0] in datasets)
+
+
+def test_concurrent_atomic_writes_of_one_path(tmp_path: Path) -> None:
+    """Two writers of one file never collide on a temporary name; the file is always whole."""
+    path = tmp_path / "meta.json"
+    texts = ["a" * 200_000, "b" * 150_000]
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(len(texts))
+
+    def write(text: str) -> None:
+        barrier.wait()
+        try:
+            for _ in range(200):
+                resources.atomic_write_text(path, text)
+        except BaseException as error:  # noqa: BLE001 - reported by the assertion below
+            errors.append(error)
+
+    threads = [threading.Thread(target=write, args=(text,)) for text in texts]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors
+    assert path.read_text() in texts
+    assert [p.name for p in tmp_path.iterdir()] == ["meta.json"]  # no temporary file left
+
+
+def test_failed_atomic_write_leaves_nothing(tmp_path: Path) -> None:
+    path = tmp_path / "state.pt"
+    with pytest.raises((AttributeError, pickle.PicklingError)):  # the type differs between Python versions
+        resources.atomic_torch_save(lambda: None, path)  # a lambda cannot be pickled
+    assert list(tmp_path.iterdir()) == []
