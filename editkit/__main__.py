@@ -4,7 +4,10 @@
 parameter files work as they are), runs or resumes every pending cell of the study
 grid, and writes the charts next to the results. ``--list-cells`` prints one line per
 cell (index, model, method, dataset, seed, batch size, state) without running
-anything; ``--cell I`` (repeatable) runs only cell I, for array jobs. ``train`` trains the learned component of MEND or SERAC once for
+anything; ``--cell I`` (repeatable) runs only cell I, for array jobs. A cell that another
+process is running is skipped (exit status 3 once the free cells are done) unless
+``--wait SECONDS`` is given. ``verify ROOT`` checks every saved file of a results root
+against its checksums and lists what is wrong (exit status 1 if anything is). ``train`` trains the learned component of MEND or SERAC once for
 a model (resuming an interrupted run) and saves it where the editor finds it:
 ``python -m editkit train mend --model smollm2-135m-instruct [--preset smoke|paper]
 [--set name=value ...]``. ``list`` shows the registered editors, tasks and offline models.
@@ -28,6 +31,8 @@ def _parser() -> argparse.ArgumentParser:
                      help="run only cell I (repeat for several; see --list-cells)")
     run.add_argument("--list-cells", action="store_true", help="list the grid's cells and their state, run nothing")
     run.add_argument("--no-charts", action="store_true", help="do not write the charts after the run")
+    run.add_argument("--wait", type=float, metavar="SECONDS",
+                     help="wait this long for a cell another process is running (default: skip it, exit 3)")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
     train = commands.add_parser("train", help="train MEND's or SERAC's learned component (resumes)")
     train.add_argument("method", help="a trained editor: mend or serac")
@@ -41,7 +46,26 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--force", action="store_true", help="retrain even if an artifact exists")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
     commands.add_parser("list", help="registered editors, benchmark tasks and offline models")
+    verify = commands.add_parser("verify", help="check every file of a results root against its checksums")
+    verify.add_argument("results_dir", help="a study's results_dir")
     return parser
+
+
+def _verify(results_dir: str) -> int:
+    from pathlib import Path
+
+    from .results import verify_results
+
+    if not Path(results_dir).is_dir():
+        sys.stderr.write(f"{results_dir}: no such folder\n")
+        return 2
+    problems = verify_results(results_dir)
+    for row in problems.itertuples():
+        where = "" if row.n_edits is None or row.n_edits != row.n_edits else f" checkpoint {int(row.n_edits)}"
+        sys.stdout.write(f"{row.run_id}{where}: {row.problem}\n")
+    cells = len(list(Path(results_dir).glob("*/checkpoints")))
+    sys.stdout.write(f"{len(problems)} problem(s) in {cells} cell(s) under {results_dir}\n")
+    return 1 if len(problems) else 0
 
 
 def _list() -> int:
@@ -91,7 +115,13 @@ def _run(args: argparse.Namespace) -> int:
             sys.stdout.write("{cell:>4}  {model}  {method}  {dataset}  seed={seed}  batch={edit_batch_size}  "
                              "{state}  {run_id}\n".format(**row))
         return 0
-    result = run_study(config, progress=not args.quiet, cells=args.cell)
+    from .locks import CellLockedError
+
+    try:
+        result = run_study(config, progress=not args.quiet, cells=args.cell, wait=args.wait)
+    except CellLockedError as error:
+        logging.getLogger("editkit").error("%s", error)
+        return 3
     out = Path(config.results_dir)
     if not args.no_charts and len(result.scores):
         from .viz import edit_quality_curves, save_chart, score_curves
@@ -112,6 +142,8 @@ def main(argv: list[str] | None = None) -> int:
         return _list()
     if args.command == "train":
         return _train(args, parser)
+    if args.command == "verify":
+        return _verify(args.results_dir)
     return _run(args)
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import abc
 import logging
+import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -37,7 +38,22 @@ log = logging.getLogger(__name__)
 
 
 class EditCollapseError(RuntimeError):
-    """An edit produced non-finite weights (the model is restored before this is raised)."""
+    """An edit produced non-finite weights or failed numerically (an optimiser overflow, a
+    singular solve); the model is restored before this is raised."""
+
+
+# Messages of errors that mean the numbers broke, not the code: an optimiser step that
+# overflowed ("value cannot be converted to type float without overflow"), NaN/Inf checks,
+# a solve on a singular matrix. Anything else is a bug and is raised as it is.
+_NUMERICAL = re.compile(r"overflow|\bnan\b|\binf\b|non-finite|not finite|singular", re.IGNORECASE)
+
+
+def _numerical_failure(error: BaseException) -> bool:
+    if isinstance(error, EditCollapseError):
+        return False  # already says what collapsed
+    if isinstance(error, ArithmeticError):
+        return True
+    return isinstance(error, RuntimeError) and bool(_NUMERICAL.search(str(error)))
 
 
 def _request_list(requests: EditRequest | Iterable[EditRequest], caller: str) -> list[EditRequest]:
@@ -116,15 +132,19 @@ class Editor(abc.ABC):
         """Apply ``requests`` in place and return the handle that undoes them.
 
         Raises:
-            EditCollapseError: the update made a touched weight NaN or Inf; the
+            EditCollapseError: the update made a touched weight NaN or Inf, or the edit's
+                arithmetic failed (an overflow in the optimiser, a singular solve); the
                 model is restored first, so nothing is left half-edited.
         """
         requests = _request_list(requests, f"{type(self).__name__}.edit()")
         handle = EditHandle(self.lm.model)
         try:
             self._apply(requests, handle)
-        except BaseException:
+        except BaseException as error:
             handle.restore()
+            if _numerical_failure(error):
+                raise EditCollapseError(f"{self.name}: numerical failure during the edit "
+                                        f"({type(error).__name__}: {error})") from error
             raise
         bad = [p for p in handle.paths if not torch.isfinite(get_parameter(self.lm.model, p)).all()]
         if bad:

@@ -10,6 +10,11 @@ metadata per model (family, parameter count, instruct or base, layers), to join 
 Folders written before the study grid (single-model RQ1 runs) load as they are: their
 axes are read from the ``config.json`` they have (``dataset``, ``seed``) and they were
 all edited one request at a time (``edit_batch_size`` 1).
+
+Every checkpoint is verified before its files are read (:meth:`RunStore.problems`): one
+with a missing meta.json, a missing file or a checksum mismatch is left out of the frames,
+named in a warning and listed in :attr:`Results.problems`, never dropped silently.
+:func:`verify_results` checks every file of a whole root (``python -m editkit verify``).
 """
 
 from __future__ import annotations
@@ -24,13 +29,14 @@ from typing import Any
 import pandas as pd
 
 from .modelinfo import INFO_FIELDS, describe_model
-from .store import AXES, EMPTY_COLUMNS, FRAMES
+from .store import AXES, EMPTY_COLUMNS, FRAMES, ResultsFileError, RunStore, read_json
 
-__all__ = ["Results", "load_results", "KEY_COLUMNS"]
+__all__ = ["Results", "load_results", "verify_results", "KEY_COLUMNS", "PROBLEM_COLUMNS"]
 
 log = logging.getLogger(__name__)
 
 KEY_COLUMNS = ("run_id", *AXES, "n_edits")
+PROBLEM_COLUMNS = ("run_id", "n_edits", "problem")
 
 
 @dataclass
@@ -44,6 +50,7 @@ class Results:
     checkpoints: pd.DataFrame
     items: pd.DataFrame = field(default_factory=pd.DataFrame)
     models: pd.DataFrame = field(default_factory=pd.DataFrame)
+    problems: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=PROBLEM_COLUMNS))
 
     def with_models(self, frame: pd.DataFrame) -> pd.DataFrame:
         """``frame`` with the model metadata columns (family, n_params, instruct, ...) joined on ``model``."""
@@ -86,6 +93,38 @@ def _model_rows(cells: dict[Path, dict[str, Any]]) -> pd.DataFrame:
     return pd.DataFrame(list(rows.values()), columns=columns)
 
 
+def _checkpoint_folders(root: Path) -> list[tuple[RunStore, int]]:
+    found = []
+    for checkpoints in sorted(root.glob("*/checkpoints")):
+        store = RunStore(checkpoints.parent)
+        found += [(store, n) for n in store.present()]
+    return found
+
+
+def verify_results(results_dir: str | os.PathLike[str]) -> pd.DataFrame:
+    """Check every file of every checkpoint under a results root; one row per problem (empty: all verified).
+
+    Columns ``run_id``, ``n_edits`` and ``problem`` (which names the file). Also
+    reported: unreadable cell ``config.json``/``reference.json`` files and checkpoints
+    set aside earlier (``<n>.corrupt-*``).
+    """
+    rows = []
+    root = Path(results_dir)
+    for store, n in _checkpoint_folders(root):
+        rows += [{"run_id": store.folder.name, "n_edits": n, "problem": p} for p in store.problems(n)]
+    for cell in sorted(p.parent for p in root.glob("*/checkpoints")):
+        for name in ("config.json", "reference.json"):
+            if (cell / name).exists():
+                try:
+                    read_json(cell / name, "")
+                except ResultsFileError as error:
+                    rows.append({"run_id": cell.name, "n_edits": None, "problem": str(error).rstrip("; ")})
+        for aside in sorted((cell / "checkpoints").glob("*.corrupt-*")):
+            rows.append({"run_id": cell.name, "n_edits": int(aside.name.split(".")[0]),
+                         "problem": f"{aside} was set aside after failing verification (inspect, then delete)"})
+    return pd.DataFrame(rows, columns=list(PROBLEM_COLUMNS))
+
+
 def load_results(results_dir: str | os.PathLike[str], *, items: bool = True) -> Results:
     """Read every cell saved under ``results_dir`` into tidy frames.
 
@@ -101,18 +140,23 @@ def load_results(results_dir: str | os.PathLike[str], *, items: bool = True) -> 
     names = [name for name in FRAMES if name != "checkpoints" and (items or name != "items")]
     collected: dict[str, list[pd.DataFrame]] = {name: [] for name in FRAMES}
     cells: dict[Path, dict[str, Any]] = {}
-    for meta_path in sorted(root.glob("*/checkpoints/[0-9]*/meta.json")):
-        if not meta_path.parent.name.isdigit():
+    problems = []
+    wanted = tuple(f"{name}.parquet" for name in names)
+    for store, n in _checkpoint_folders(root):
+        found = store.problems(n, files=wanted)
+        if found:
+            log.warning("checkpoint %s is left out: %s", store.checkpoint_dir(n), "; ".join(found))
+            problems += [{"run_id": store.folder.name, "n_edits": n, "problem": p} for p in found]
             continue
-        meta = _read_json(meta_path)
-        if meta is None:
-            continue
-        folder = meta_path.parent
-        cell_folder = folder.parent.parent
+        folder = store.checkpoint_dir(n)
+        meta = read_json(folder / "meta.json", "")
+        cell_folder = store.folder
         axes = _axes_of(cell_folder, meta)
         cells.setdefault(cell_folder, axes)
         keys = {"run_id": meta.get("run_id", cell_folder.name), **axes, "n_edits": meta["n_edits"]}
-        collected["checkpoints"].append(pd.DataFrame([{**keys, **{k: meta.get(k) for k in EMPTY_COLUMNS["checkpoints"]}}]))
+        timings = {k: meta.get(k) for k in EMPTY_COLUMNS["checkpoints"]}
+        timings["attempts"] = len(meta.get("attempts") or [None])  # runs before attempts were kept: one
+        collected["checkpoints"].append(pd.DataFrame([{**keys, **timings}]))
         for name in names:
             path = folder / f"{name}.parquet"
             if path.exists():
@@ -129,4 +173,5 @@ def load_results(results_dir: str | os.PathLike[str], *, items: bool = True) -> 
         if len(frame):
             frame = frame.sort_values(["run_id", "n_edits"], kind="stable").reset_index(drop=True)
         frames[name] = frame
-    return Results(results_dir=root, models=_model_rows(cells), **frames)
+    return Results(results_dir=root, models=_model_rows(cells),
+                   problems=pd.DataFrame(problems, columns=list(PROBLEM_COLUMNS)), **frames)

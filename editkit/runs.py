@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 
 from .editors import resolve_params
 from .grid import DEFAULT_CHECKPOINTS, Cell, StudyConfig
+from .locks import CellLockedError, owner
 from .modelinfo import describe_model
 from .results import Results, load_results
 from .store import RunStore, write_items
@@ -49,7 +50,8 @@ def _select(config: StudyConfig, cells: Sequence[int] | None) -> list[Cell]:
 
 
 def run_study(config: StudyConfig, progress: bool = True, *, cells: Sequence[int] | None = None,
-              lm: LoadedModel | None = None, on_checkpoint: Callable[[int, str], None] | None = None) -> Results:
+              lm: LoadedModel | None = None, on_checkpoint: Callable[[int, str], None] | None = None,
+              wait: float | None = None) -> Results:
     """Run (or resume) the cells of ``config`` and return everything saved under its results root.
 
     Args:
@@ -59,9 +61,14 @@ def run_study(config: StudyConfig, progress: bool = True, *, cells: Sequence[int
         lm: an already loaded model to use for every cell instead of loading the cells'
             models (only for a study of one model).
         on_checkpoint: called as ``on_checkpoint(n_edits, run_id)`` after each checkpoint is saved.
+        wait: seconds to wait for a cell that another process holds (None: skip it at once).
 
     Each model is loaded once for all its cells and freed before the next model is
     loaded. Every model is back at its unedited weights when this returns.
+
+    Raises:
+        CellLockedError: after every free cell has run, if another process held some
+            cell (each is named; rerun later, or pass ``wait``).
     """
     from .models import load_model
     from .sequential import run_cell
@@ -70,6 +77,7 @@ def run_study(config: StudyConfig, progress: bool = True, *, cells: Sequence[int
     if lm is not None and len({c.model for c in chosen}) > 1:
         raise ValueError("lm= serves a study of one model; this one has several")
     loaded: tuple[tuple[str, str, str], LoadedModel] | None = None
+    busy: list[CellLockedError] = []
     for cell in chosen:
         key = (cell.model, cell.dtype, cell.device)
         if lm is not None:
@@ -82,7 +90,13 @@ def run_study(config: StudyConfig, progress: bool = True, *, cells: Sequence[int
             log.info("loading %s (%s on %s) for cell %d", *key, cell.index)
             loaded = (key, load_model(cell.model, dtype=cell.dtype, device=cell.device))
             model = loaded[1]
-        run_cell(cell, model, config.results_dir, progress=progress, on_checkpoint=on_checkpoint)
+        try:
+            run_cell(cell, model, config.results_dir, progress=progress, on_checkpoint=on_checkpoint, wait=wait)
+        except CellLockedError as error:  # another worker has it: run the others, then say so
+            log.warning("cell %d skipped: %s", cell.index, error)
+            busy.append(error)
+    if busy:  # each was named in a warning when it was skipped
+        raise busy[0]
     return load_results(config.results_dir)
 
 
@@ -93,7 +107,8 @@ def cell_states(config: StudyConfig) -> list[dict[str, object]]:
     name and type (catalog, ``config.json``), which is all the packaged per-model
     defaults depend on. The state is ``done`` (every checkpoint saved),
     ``k/m checkpoints``, ``pending``, or ``unknown`` when the model's type cannot be
-    told offline (a hub id that is not cached).
+    told offline (a hub id that is not cached); only verified checkpoints count, and
+    a cell another process holds says so.
     """
     rows = []
     for cell in config.cells():
@@ -102,11 +117,15 @@ def cell_states(config: StudyConfig) -> list[dict[str, object]]:
         if info.model_type is not None:
             params = resolve_params(cell.method, info, **cell.editor_overrides)
             run_id = cell.run_id(params.digest())
-            finished = set(RunStore(Path(config.results_dir) / run_id).finished())
+            store = RunStore(Path(config.results_dir) / run_id)
+            finished = set(store.verified())
             wanted = cell.checkpoints()
             have = [n for n in wanted if n in finished]
             row["run_id"] = run_id
             row["state"] = ("done" if len(have) == len(wanted) else
                             f"{len(have)}/{len(wanted)} checkpoints" if have else "pending")
+            holder = owner(store.folder)
+            if holder is not None:
+                row["state"] += f" (running: pid {holder.get('pid')} on {holder.get('host')})"
         rows.append(row)
     return rows

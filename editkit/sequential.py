@@ -15,6 +15,9 @@ that checkpoint (and every later one), not raised.
 from __future__ import annotations
 
 import logging
+import os
+import shutil
+import socket
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -27,6 +30,7 @@ from tqdm.auto import tqdm
 from .benchmarks.engine import Engine
 from .datasets import data_checksums, load_edit_requests
 from .edit_metrics import edit_quality, locality_reference
+from .locks import CellLock
 from .editing import EditCollapseError, EditSession
 from .editors import get_editor
 from .modelinfo import describe_model
@@ -112,6 +116,8 @@ class SequentialRun:
 
     def checkpoint(self, n: int, reference: list, bar: tqdm) -> dict[str, Any]:
         """Reach ``n`` edits, measure, save checkpoint ``n``; returns its meta."""
+        earlier = self.store.begin_attempt(n)
+        started = time.strftime("%Y-%m-%dT%H:%M:%S")
         edit_started = time.perf_counter()
         latest = self.advance(n, reference, bar)
         edit_seconds = time.perf_counter() - edit_started
@@ -129,10 +135,13 @@ class SequentialRun:
         if self.collapse is not None:
             frames = {"scores": self.protocol.collapsed_scores()}
         frames["edits"] = latest
+        eval_seconds = time.perf_counter() - eval_started
+        # Every attempt at this checkpoint, also those a kill cut short (their timings are unknown).
+        attempts = [*earlier, {"started": started, "host": socket.gethostname(), "pid": os.getpid(),
+                               "finished": True, "edit_seconds": edit_seconds, "eval_seconds": eval_seconds}]
         meta = {"n_edits": n, "status": "ok" if self.collapse is None else "collapsed",
-                "reason": self.collapse or "", "edit_seconds": edit_seconds,
-                "eval_seconds": time.perf_counter() - eval_started, "run_id": self.run_id,
-                **self.cell.axes()}
+                "reason": self.collapse or "", "edit_seconds": edit_seconds, "eval_seconds": eval_seconds,
+                "attempts": attempts, "run_id": self.run_id, **self.cell.axes()}
         keep_state = meta["status"] == "ok" and n > 0
         self.store.save_checkpoint(n, frames, meta,
                                    weights=self.session.edited_state() if keep_state and self.session.touched else None,
@@ -141,7 +150,7 @@ class SequentialRun:
 
 
 def run_cell(cell: Cell, lm: LoadedModel, results_dir: str | Path, *, progress: bool = True,
-             on_checkpoint: Callable[[int, str], None] | None = None) -> str:
+             on_checkpoint: Callable[[int, str], None] | None = None, wait: float | None = None) -> str:
     """Run (or resume) one cell on the loaded model ``lm``; returns its run id.
 
     Args:
@@ -150,8 +159,14 @@ def run_cell(cell: Cell, lm: LoadedModel, results_dir: str | Path, *, progress: 
         results_dir: the results root; the cell's folder is ``<results_dir>/<run id>``.
         progress: progress bars over edits and benchmark items.
         on_checkpoint: called as ``on_checkpoint(n_edits, run_id)`` after each checkpoint is saved.
+        wait: seconds to wait for another process that holds the cell (None: do not wait).
 
-    The model is returned to its unedited weights before this returns, also on error.
+    Saved checkpoints are verified first; one that fails is set aside (named in a
+    warning) and computed again from the last verified one. The model is returned to
+    its unedited weights before this returns, also on error.
+
+    Raises:
+        CellLockedError: another live process works on this cell.
     """
     study = cell.study
     requests = load_edit_requests(cell.dataset, study.split, study.n_edits,
@@ -163,18 +178,41 @@ def run_cell(cell: Cell, lm: LoadedModel, results_dir: str | Path, *, progress: 
     run_id = cell.run_id(editor.params.digest())
     store = RunStore(Path(results_dir) / run_id)
     info = describe_model(cell.model, cell.declared_info, lm)
-    store.write_manifest(
-        {**study.to_dict(), **cell.axes(), "method": cell.method, "editor_params": editor.params.to_dict(),
-         "model_info": info.to_dict(), "cell": cell.index},
-        {"run_id": run_id, "study_digest": study.digest(), "editor": cell.method,
-         "editor_params_digest": editor.params.digest(), "model": lm.name, "model_source": lm.source,
-         "model_info": info.to_dict(), "axes": cell.axes(), "device": str(lm.device),
-         "data_checksums": data_checksums(cell.dataset, study.split)})
-    run = SequentialRun(cell, lm, editor, requests, store, run_id, progress)
+    with CellLock(store.folder, wait=wait):  # one writer per cell
+        store.write_manifest(
+            {**study.to_dict(), **cell.axes(), "method": cell.method, "editor_params": editor.params.to_dict(),
+             "model_info": info.to_dict(), "cell": cell.index},
+            {"run_id": run_id, "study_digest": study.digest(), "editor": cell.method,
+             "editor_params_digest": editor.params.digest(), "model": lm.name, "model_source": lm.source,
+             "model_info": info.to_dict(), "axes": cell.axes(), "device": str(lm.device),
+             "data_checksums": data_checksums(cell.dataset, study.split)})
+        _clear_leftovers(store)
+        run = SequentialRun(cell, lm, editor, requests, store, run_id, progress)
+        _run_checkpoints(run, on_checkpoint)
+    return run_id
+
+
+def _clear_leftovers(store: RunStore) -> None:
+    """Remove half-written checkpoint folders of dead processes (the cell lock is held, so no one writes)."""
+    for tmp in (store.folder / "checkpoints").glob("*.tmp*"):
+        log.debug("removing %s, left by an interrupted write", tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _run_checkpoints(run: SequentialRun, on_checkpoint: Callable[[int, str], None] | None) -> None:
+    """Verify what is saved, then compute every missing checkpoint of ``run``'s cell in order."""
+    cell, store = run.cell, run.store
+    finished = []
+    for n in store.present():
+        problems = store.problems(n)
+        if problems:  # never resumed from, never silently dropped: set aside, named, and recomputed
+            store.set_aside(n, problems)
+        else:
+            finished.append(n)
     reference = run.reference()
-    finished = store.finished()
     todo = [n for n in cell.checkpoints() if n not in finished]
-    bar = tqdm(total=study.n_edits, desc=f"{cell.model} · {cell.method} edits", disable=not progress, unit="edit")
+    bar = tqdm(total=cell.study.n_edits, desc=f"{cell.model} · {cell.method} edits", disable=not run.progress,
+               unit="edit")
     try:
         for n in todo:
             start_from = max([c for c in finished if c <= n], default=0)
@@ -185,9 +223,7 @@ def run_cell(cell: Cell, lm: LoadedModel, results_dir: str | Path, *, progress: 
             run.checkpoint(n, reference, bar)
             finished.append(n)
             if on_checkpoint is not None:
-                on_checkpoint(n, run_id)
+                on_checkpoint(n, run.run_id)
     finally:
         bar.close()
         run.session.restore()  # the loaded model is shared by the next cell
-    return run_id
-

@@ -15,21 +15,33 @@ A results root holds one folder per cell, ``<root>/<method>-<digest>/``::
         generations.parquet           greedy continuations of fixed probe prompts
         state.safetensors             every parameter the run has changed, as of n edits
         editor_state.pt               editor state beyond weights (templates, caches)
+        files.sha256.json             SHA-256 of every file above, written last
     checkpoints/<n:06d>.partial/      while checkpoint n is evaluated: one journal per task of
-                                      the benchmark items finished so far (removed once saved)
+                                      the benchmark items finished so far, and the attempts
+                                      at it (removed once saved)
+    checkpoints/<n:06d>.corrupt-<time>/  a checkpoint that failed verification, set aside
+    lock, lock.guard                  while a process works on the cell (:mod:`editkit.locks`)
 
-A checkpoint folder appears only complete: it is written as ``<n>.tmp`` and renamed.
-Folders written before the study grid have the same layout; their ``config.json`` holds
-the single-model study and :mod:`editkit.results` reads both.
+A checkpoint folder appears only complete: it is written under a name unique to the
+writing process and renamed. A checkpoint is *verified* when its meta.json is there and
+every file matches ``files.sha256.json``; resume and :func:`editkit.results.load_results`
+use only verified checkpoints and name every file that fails. Checkpoints written before
+checksums existed (no ``files.sha256.json``) are verified as far as possible: meta.json
+and every parquet file must parse. Folders written before the study grid have the same
+layout; their ``config.json`` holds the single-model study and :mod:`editkit.results`
+reads both.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import platform
+import secrets
 import shutil
+import socket
 import subprocess
 import time
 from importlib import metadata
@@ -37,12 +49,18 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import pyarrow.parquet as pq
 import torch
 from safetensors.torch import load_file, save_file
 
-from .resources import atomic_write_text
+from .resources import atomic_write_text, sha256_file
 
-__all__ = ["RunStore", "write_items", "write_json", "digest_into", "state_digest", "FRAMES", "AXES", "EMPTY_COLUMNS"]
+__all__ = ["RunStore", "ResultsFileError", "write_items", "write_json", "read_json", "digest_into", "state_digest",
+           "FRAMES", "AXES", "EMPTY_COLUMNS", "CHECKSUMS"]
+
+log = logging.getLogger(__name__)
+
+CHECKSUMS = "files.sha256.json"
 
 # The tidy frames every store yields, and the grid axes each frame carries.
 FRAMES = ("scores", "items", "edit_quality", "generations", "checkpoints")
@@ -54,6 +72,20 @@ EMPTY_COLUMNS = {
     "generations": ("prompt", "output"),
     "checkpoints": ("status", "reason", "edit_seconds", "eval_seconds"),
 }
+
+
+class ResultsFileError(ValueError):
+    """A results file is missing, unreadable or fails its checksum; the message names it and says what to do."""
+
+
+def read_json(path: Path, what_to_do: str) -> Any:
+    """Parse a results JSON file, or raise :class:`ResultsFileError` naming it and ``what_to_do``."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ResultsFileError(f"{path} is missing; {what_to_do}") from None
+    except (OSError, ValueError) as error:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise ResultsFileError(f"{path} is unreadable ({type(error).__name__}: {error}); {what_to_do}") from None
 
 
 def write_json(path: Path, payload: Any) -> None:
@@ -120,13 +152,74 @@ class RunStore:
         return self.folder / "checkpoints" / f"{n:06d}"
 
     def partial_dir(self, n: int) -> Path:
-        """Where checkpoint ``n``'s benchmark items are journaled while it is evaluated."""
+        """Where checkpoint ``n``'s benchmark items and attempts are journaled while it is computed."""
         return self.folder / "checkpoints" / f"{n:06d}.partial"
 
-    def finished(self) -> list[int]:
-        """Checkpoints saved completely (their folder exists; ``.tmp`` and ``.partial`` do not count)."""
+    def present(self) -> list[int]:
+        """Checkpoints whose folder exists, verified or not (``.tmp``, ``.partial``, set-aside ones do not count)."""
         root = self.folder / "checkpoints"
         return sorted(int(p.name) for p in root.iterdir() if p.is_dir() and p.name.isdigit()) if root.exists() else []
+
+    def problems(self, n: int, files: tuple[str, ...] | None = None) -> list[str]:
+        """What is wrong with checkpoint ``n``'s files (empty: verified), each naming the file.
+
+        Args:
+            n: the checkpoint.
+            files: check only these file names (and meta.json); default every file.
+        """
+        folder = self.checkpoint_dir(n)
+        meta = folder / "meta.json"
+        if not meta.is_file():
+            return [f"{meta} is missing"]
+        manifest = folder / CHECKSUMS
+        if not manifest.is_file():
+            return self._legacy_problems(folder, files)
+        try:
+            expected = read_json(manifest, "")
+        except ResultsFileError:
+            return [f"{manifest} is unreadable"]
+        found = []
+        for name, digest in sorted(expected.items()):
+            if files is not None and name not in files and name != "meta.json":
+                continue
+            path = folder / name
+            if not path.is_file():
+                found.append(f"{path} is missing")
+            elif sha256_file(path) != digest:
+                found.append(f"{path} does not match its SHA-256 in {CHECKSUMS}")
+        return found
+
+    @staticmethod
+    def _legacy_problems(folder: Path, files: tuple[str, ...] | None) -> list[str]:
+        # Written before checksums: every file that must be there is there and parses.
+        found = []
+        try:
+            read_json(folder / "meta.json", "")
+        except ResultsFileError as error:
+            found.append(str(error).rstrip("; "))
+        if not (folder / "scores.parquet").is_file():
+            found.append(f"{folder / 'scores.parquet'} is missing")
+        for path in sorted(folder.glob("*.parquet")):
+            if files is not None and path.name not in files:
+                continue
+            try:
+                pq.read_metadata(path)
+            except (OSError, ValueError) as error:
+                found.append(f"{path} is unreadable ({error})")
+        return found
+
+    def verified(self) -> list[int]:
+        """Checkpoints whose files all pass :meth:`problems`."""
+        return [n for n in self.present() if not self.problems(n)]
+
+    def set_aside(self, n: int, problems: list[str]) -> Path:
+        """Rename a checkpoint that failed verification to ``<n>.corrupt-<time>`` (kept for inspection)."""
+        folder = self.checkpoint_dir(n)
+        target = folder.with_name(f"{folder.name}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}-{secrets.token_hex(2)}")
+        os.replace(folder, target)
+        log.warning("checkpoint %s failed verification (%s); moved to %s and recomputed", folder,
+                    "; ".join(problems), target.name)
+        return target
 
     def write_manifest(self, config: dict[str, Any], manifest: dict[str, Any]) -> None:
         """``config.json`` (what defines the cell) and ``manifest.json`` (provenance, refreshed each start)."""
@@ -136,40 +229,85 @@ class RunStore:
                                                    "updated": time.strftime("%Y-%m-%dT%H:%M:%S")})
 
     def read_reference(self) -> list:
+        """The saved locality references; an unreadable file is set aside (to be recomputed) with a warning."""
         path = self.folder / "reference.json"
-        return json.loads(path.read_text()) if path.exists() else []
+        if not path.exists():
+            return []
+        try:
+            return read_json(path, "")
+        except ResultsFileError as error:
+            aside = path.with_name(f"{path.name}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}")
+            os.replace(path, aside)
+            log.warning("%s; moved to %s, the unedited model's answers are computed again", error, aside.name)
+            return []
 
     def write_reference(self, stored: list) -> None:
         write_json(self.folder / "reference.json", stored)
 
+    def begin_attempt(self, n: int) -> list[dict[str, Any]]:
+        """Record that this process starts computing checkpoint ``n``; returns the earlier attempts."""
+        folder = self.partial_dir(n)
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / "attempts.jsonl"
+        earlier = []
+        if path.exists():
+            for line in path.read_text(encoding="utf-8").splitlines():
+                try:
+                    earlier.append({**json.loads(line), "finished": False})
+                except ValueError:
+                    continue  # a line cut off by a kill
+        with path.open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps(_attempt()) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        return earlier
+
     def save_checkpoint(self, n: int, frames: dict[str, pd.DataFrame], meta: dict[str, Any],
                         weights: dict[str, torch.Tensor] | None, editor_state: dict[str, Any] | None) -> None:
-        """Write checkpoint ``n`` atomically: frames, weights and editor state, then ``meta.json``, then rename."""
+        """Write checkpoint ``n`` atomically: frames, weights, editor state, meta.json, then the checksums."""
         final = self.checkpoint_dir(n)
-        tmp = final.with_name(final.name + ".tmp")
-        if tmp.exists():
-            shutil.rmtree(tmp)
+        tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
         tmp.mkdir(parents=True)
-        for name, frame in frames.items():
-            write_items(frame, tmp / f"{name}.parquet")
-        if weights:
-            save_file({k: v.contiguous().cpu() for k, v in weights.items()}, tmp / "state.safetensors")
-        if editor_state is not None:
-            torch.save(editor_state, tmp / "editor_state.pt")
-        write_json(tmp / "meta.json", meta)
-        os.replace(tmp, final)
+        try:
+            for name, frame in frames.items():
+                write_items(frame, tmp / f"{name}.parquet")
+            if weights:
+                save_file({k: v.contiguous().cpu() for k, v in weights.items()}, tmp / "state.safetensors")
+            if editor_state is not None:
+                torch.save(editor_state, tmp / "editor_state.pt")
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True, default=str))
+            digests = {p.name: sha256_file(p) for p in sorted(tmp.iterdir())}
+            (tmp / CHECKSUMS).write_text(json.dumps(digests, indent=2, sort_keys=True))
+            if final.exists():  # a verified-bad folder is set aside before; anything here is a leftover
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         shutil.rmtree(self.partial_dir(n), ignore_errors=True)
 
     def load_checkpoint(self, n: int, device: torch.device | str
                         ) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, Any] | None]:
-        """Checkpoint ``n``'s meta, edited weights (possibly empty) and editor state (``None`` if not saved)."""
+        """Checkpoint ``n``'s meta, edited weights (possibly empty) and editor state (``None`` if not saved).
+
+        Raises:
+            ResultsFileError: a file of the checkpoint fails verification (named in the message).
+        """
+        problems = self.problems(n)
+        if problems:
+            raise ResultsFileError(f"checkpoint {self.checkpoint_dir(n)} failed verification: {'; '.join(problems)}; "
+                                   "remove that folder and rerun to recompute it")
         folder = self.checkpoint_dir(n)
-        meta = json.loads((folder / "meta.json").read_text())
+        meta = read_json(folder / "meta.json", "remove the checkpoint folder and rerun")
         state_file = folder / "state.safetensors"
         weights = load_file(state_file, device=str(device)) if state_file.exists() else {}
         editor_file = folder / "editor_state.pt"
         editor_state = torch.load(editor_file, map_location=device, weights_only=False) if editor_file.exists() else None
         return meta, weights, editor_state
+
+
+def _attempt() -> dict[str, Any]:
+    return {"started": time.strftime("%Y-%m-%dT%H:%M:%S"), "host": socket.gethostname(), "pid": os.getpid()}
 
 
 def state_digest(weights: dict[str, torch.Tensor], editor_state: dict[str, Any]) -> str:

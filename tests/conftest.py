@@ -89,3 +89,13 @@ def make_tiny(smollm2):
                            source=f"random init seed {seed}")
 
     return build
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_folder(make_tiny, tmp_path_factory) -> str:
+    """A tiny random Llama saved to a local folder, loadable by name like any user's model."""
+    lm = make_tiny("llama")
+    folder = tmp_path_factory.mktemp("models") / "tiny-llama"
+    lm.model.save_pretrained(folder)
+    lm.tokenizer.save_pretrained(folder)
+    return str(folder)

@@ -22,13 +22,8 @@ FAST_FT = {"num_steps": 3}
 
 
 @pytest.fixture(scope="module")
-def tiny_folder(make_tiny, tmp_path_factory) -> str:
-    """A tiny random Llama saved to a local folder, loadable by name like any user's model."""
-    lm = make_tiny("llama")
-    folder = tmp_path_factory.mktemp("models") / "tiny-llama"
-    lm.model.save_pretrained(folder)
-    lm.tokenizer.save_pretrained(folder)
-    return str(folder)
+def tiny_folder(tiny_llama_folder) -> str:
+    return tiny_llama_folder
 
 
 def grid_values(tiny_folder: str, results_dir: Path) -> dict:
