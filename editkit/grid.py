@@ -20,7 +20,7 @@ import hashlib
 import json
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 from .config import Params, check_keys
 from .modelinfo import INFO_FIELDS
@@ -32,7 +32,7 @@ DEFAULT_MODEL_NAME = "smollm2-135m-instruct"
 _MODEL_OVERRIDE_KEYS = ("dtype", "device", "editor_overrides", *INFO_FIELDS)
 # Fields that define what a cell measures. n_edits and checkpoints are left out on purpose:
 # asking for more edits or other checkpoints later extends the same run.
-_EVALUATION_FIELDS = ("split", "shuffle_seed", "tasks", "max_new_tokens", "n_generation_examples")
+_EVALUATION_FIELDS = ("shuffle_seed", "tasks", "max_new_tokens", "n_generation_examples")
 
 
 @dataclass(frozen=True)
@@ -42,6 +42,9 @@ class StudyConfig(Params):
     Grid axes are lists (``models``, ``methods``, ``datasets``, ``seeds``,
     ``edit_batch_size``); ``model``, ``dataset`` and ``seed`` are the one-value
     spellings of RQ1 files and may not be combined with their lists.
+    ``invalid_records: skip`` leaves malformed edit records out (with a warning; the
+    edited case ids are in each cell's manifest) instead of stopping with an error that
+    names the record: packaged zsRE has an empty target at records 54 and 103.
     """
 
     # The one-value spellings of RQ1 files; a notebook declares the lists instead.
@@ -56,9 +59,10 @@ class StudyConfig(Params):
     seed: int | None = None
     edit_batch_size: tuple[int, ...] = (1,)
     shuffle_edits: bool = False
+    invalid_records: Literal["raise", "skip"] = "raise"
     editor_overrides: Any = None
     model_overrides: Any = None
-    split: str = "edit"
+    split: str | None = None
     n_edits: int = 10
     checkpoints: tuple[int, ...] = ()
     tasks: tuple[str, ...] = ("mmlu_cloze", "mmlu", "gsm8k")
@@ -74,7 +78,7 @@ class StudyConfig(Params):
 
     def __post_init__(self) -> None:
         from .benchmarks import get_task
-        from .datasets import list_edit_datasets
+        from .datasets import edit_dataset, list_edit_datasets
         from .editors import editor_class
 
         for one, many in (("model", "models"), ("dataset", "datasets"), ("seed", "seeds")):
@@ -101,6 +105,10 @@ class StudyConfig(Params):
         for dataset in self.dataset_list():
             if dataset not in known:
                 raise ValueError(f"unknown dataset {dataset!r} (known: {', '.join(known)})")
+            splits = edit_dataset(dataset).splits
+            if self.split is not None and self.split not in splits:
+                raise ValueError(f"split {self.split!r} is not a split of {dataset} ({', '.join(splits)}); "
+                                 "leave split out to use each dataset's evaluation split")
         if self.shuffle_edits and self.shuffle_seed is not None:
             raise ValueError("shuffle_edits shuffles with each cell's seed; drop shuffle_seed (a fixed shuffle)")
         for size in self.edit_batch_size:
@@ -236,12 +244,14 @@ class Cell:
         """
         study = self.study
         identity: dict[str, Any] = {name: getattr(study, name) for name in _EVALUATION_FIELDS}
-        identity.update(model=self.model, dataset=self.dataset, seed=self.seed, dtype=self.dtype)
+        identity.update(split=self.split(), model=self.model, dataset=self.dataset, seed=self.seed, dtype=self.dtype)
         identity["limits"] = {task: study.task_limit(task) for task in study.tasks}
         if self.edit_batch_size != 1:
             identity["edit_batch_size"] = self.edit_batch_size
         if study.shuffle_edits:
             identity["shuffle_edits"] = True
+        if study.invalid_records == "skip":  # which records are edited changes
+            identity["invalid_records"] = "skip"
         return identity
 
     def run_id(self, editor_params_digest: str) -> str:
@@ -251,6 +261,12 @@ class Cell:
 
     def checkpoints(self) -> list[int]:
         return self.study.checkpoint_list(self.edit_batch_size)
+
+    def split(self) -> str:
+        """The split edited: the study's ``split``, else the dataset's evaluation split."""
+        from .datasets import edit_dataset
+
+        return self.study.split or edit_dataset(self.dataset).eval_split
 
     def limits(self) -> tuple[tuple[str, int | None], ...]:
         return tuple((task, self.study.task_limit(task)) for task in self.study.tasks)

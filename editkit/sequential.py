@@ -169,11 +169,11 @@ def run_cell(cell: Cell, lm: LoadedModel, results_dir: str | Path, *, progress: 
         CellLockedError: another live process works on this cell.
     """
     study = cell.study
-    requests = load_edit_requests(cell.dataset, study.split, study.n_edits,
-                                  shuffle_seed=cell.seed if study.shuffle_edits else study.shuffle_seed) \
-        if study.n_edits else []
+    requests = load_edit_requests(cell.dataset, cell.split(), study.n_edits,
+                                  shuffle_seed=cell.seed if study.shuffle_edits else study.shuffle_seed,
+                                  on_invalid=study.invalid_records) if study.n_edits else []
     if len(requests) < study.n_edits:
-        raise ValueError(f"{cell.dataset}/{study.split} has only {len(requests)} usable records")
+        raise ValueError(f"{cell.dataset}/{cell.split()} has only {len(requests)} usable records")
     editor = get_editor(cell.method, lm, **cell.editor_overrides)
     run_id = cell.run_id(editor.params.digest())
     store = RunStore(Path(results_dir) / run_id)
@@ -185,7 +185,8 @@ def run_cell(cell: Cell, lm: LoadedModel, results_dir: str | Path, *, progress: 
             {"run_id": run_id, "study_digest": study.digest(), "editor": cell.method,
              "editor_params_digest": editor.params.digest(), "model": lm.name, "model_source": lm.source,
              "model_info": info.to_dict(), "axes": cell.axes(), "device": str(lm.device),
-             "data_checksums": data_checksums(cell.dataset, study.split)})
+             "data_checksums": data_checksums(cell.dataset, cell.split()),
+             "case_ids": [request.case_id for request in requests]})
         _clear_leftovers(store)
         run = SequentialRun(cell, lm, editor, requests, store, run_id, progress)
         _run_checkpoints(run, on_checkpoint)

@@ -214,3 +214,27 @@ def test_model_metadata_from_catalog_matches_the_loaded_model(smollm2, tiny_fold
     assert describe_model("EleutherAI/pythia-1.4b", {"n_params": 1_414_647_808}).n_params == 1_414_647_808
     with pytest.raises(ValueError, match="unknown keys"):
         describe_model("gpt2-xl", {"size": 1})
+
+
+def test_malformed_records_stop_the_study_unless_skipped(make_tiny, tmp_path):
+    from editkit.types import InvalidRequestError
+
+    values = dict(model="tiny", datasets=["zsre"], n_edits=55, checkpoints=[0], tasks=["mmlu_cloze"], limit=1,
+                  n_generation_examples=1, editor_overrides={"rome": {"layers": [1]}}, results_dir=str(tmp_path))
+    lm = make_tiny("llama")
+    with pytest.raises(InvalidRequestError, match="54"):
+        run_study(StudyConfig.from_dict(values), progress=False, lm=lm)
+    skip = StudyConfig.from_dict({**values, "invalid_records": "skip"})
+    run_study(skip, progress=False, lm=lm)
+    (manifest,) = tmp_path.glob("*/manifest.json")
+    import json
+
+    case_ids = json.loads(manifest.read_text())["case_ids"]
+    assert len(case_ids) == 55 and 54 not in case_ids
+
+
+def test_each_dataset_edits_its_own_split():
+    config = StudyConfig.from_dict({"datasets": ["counterfact", "zsre"]})
+    assert [(c.dataset, c.split()) for c in config.cells()] == [("counterfact", "edit"), ("zsre", "eval")]
+    with pytest.raises(ValueError, match="'edit' is not a split of zsre"):
+        StudyConfig.from_dict({"datasets": ["counterfact", "zsre"], "split": "edit"})
