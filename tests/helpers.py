@@ -1,4 +1,4 @@
-"""Small helpers shared by the editor tests."""
+"""Small helpers shared by the editor and run tests."""
 
 from __future__ import annotations
 
@@ -20,3 +20,18 @@ def target_logprob(lm, prompt: str, target: str) -> float:
 def snapshot(lm) -> dict[str, torch.Tensor]:
     """A detached copy of the model's whole state dict."""
     return {k: v.detach().clone() for k, v in lm.model.state_dict().items()}
+
+
+def count_checkpoints(monkeypatch) -> list[int]:
+    """Record the number of edits of every checkpoint measured from now on (in order)."""
+    from editkit import protocol
+
+    calls: list[int] = []
+    original = protocol.CheckpointProtocol.measure
+
+    def wrapped(self, engine, requests, *args, **kwargs):
+        calls.append(len(requests))
+        return original(self, engine, requests, *args, **kwargs)
+
+    monkeypatch.setattr(protocol.CheckpointProtocol, "measure", wrapped)
+    return calls

@@ -21,6 +21,7 @@ import yaml
 from editkit import protocol
 from editkit.results import load_results
 from editkit.runs import StudyConfig, cell_states, run_study
+from tests.helpers import count_checkpoints
 
 FAST_ROME = {"rome": {"layers": [1], "v_num_grad_steps": 3, "context_template_length_params": [[4, 2]]}}
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,18 +33,6 @@ def tiny_config(results_dir, **changes) -> StudyConfig:
                   model_overrides={"tiny": {"model_type": "llama"}})  # so --list-cells can resolve the run id
     values.update(changes)
     return StudyConfig.from_dict(values)
-
-
-def counting(monkeypatch) -> list[int]:
-    calls: list[int] = []
-    original = protocol.CheckpointProtocol.measure
-
-    def wrapped(self, engine, requests, *args, **kwargs):
-        calls.append(len(requests))
-        return original(self, engine, requests, *args, **kwargs)
-
-    monkeypatch.setattr(protocol.CheckpointProtocol, "measure", wrapped)
-    return calls
 
 
 def comparable(result) -> pd.DataFrame:
@@ -69,7 +58,7 @@ def test_flipped_bytes_in_saved_weights_are_never_resumed_from(make_tiny, tmp_pa
     import shutil
 
     shutil.rmtree(cell / "checkpoints" / "000003")
-    calls = counting(monkeypatch)
+    calls = count_checkpoints(monkeypatch)
     with caplog.at_level(logging.WARNING, logger="editkit.store"):
         resumed = run_study(config, progress=False, lm=lm)
     assert calls == [2, 3], "checkpoint 2 is recomputed from 1, not loaded"
@@ -95,7 +84,7 @@ def test_a_deleted_file_is_reported_then_recomputed(make_tiny, tmp_path, monkeyp
     assert list(partial.problems["n_edits"]) == [1] and partial.problems["problem"].str.contains(lost).all()
     assert f"000001/{lost}" in caplog.text, "the checkpoint does not disappear without a message"
     assert {c["state"] for c in cell_states(config)} == {"3/4 checkpoints"}
-    calls = counting(monkeypatch)
+    calls = count_checkpoints(monkeypatch)
     repaired = run_study(config, progress=False, lm=lm)
     assert calls == [1]
     assert repaired.problems.empty

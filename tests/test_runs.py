@@ -8,8 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from editkit import protocol
 from editkit.runs import StudyConfig, load_study, run_study
+from tests.helpers import count_checkpoints
 
 FAST_ROME = {"rome": {"layers": [1], "v_num_grad_steps": 3, "context_template_length_params": [[4, 2]]}}
 
@@ -26,25 +26,13 @@ class Killed(Exception):
     pass
 
 
-def counting_evaluate(monkeypatch) -> list[int]:
-    calls: list[int] = []
-    original = protocol.CheckpointProtocol.measure
-
-    def wrapped(self, engine, requests, *args, **kwargs):
-        calls.append(len(requests))
-        return original(self, engine, requests, *args, **kwargs)
-
-    monkeypatch.setattr(protocol.CheckpointProtocol, "measure", wrapped)
-    return calls
-
-
 def comparable(result) -> pd.DataFrame:
     return result.scores.drop(columns=["run_id"]).reset_index(drop=True)
 
 
 def test_killed_run_resumes_without_recomputing(make_tiny, tmp_path, monkeypatch):
     lm = make_tiny("llama")
-    calls = counting_evaluate(monkeypatch)
+    calls = count_checkpoints(monkeypatch)
     reference = run_study(tiny_config(tmp_path / "clean"), progress=False, lm=lm)
     assert calls == [0, 1, 2, 3]
 
@@ -128,7 +116,7 @@ def test_state_digest_follows_the_edited_weights(make_tiny, tmp_path):
 
 def test_extending_n_edits_reuses_the_run(make_tiny, tmp_path, monkeypatch):
     lm = make_tiny("llama")
-    calls = counting_evaluate(monkeypatch)
+    calls = count_checkpoints(monkeypatch)
     run_study(tiny_config(tmp_path, n_edits=2, checkpoints=[0, 2]), progress=False, lm=lm)
     run_study(tiny_config(tmp_path, n_edits=3, checkpoints=[0, 1, 3]), progress=False, lm=lm)
     assert calls == [0, 2, 1, 3]
