@@ -77,6 +77,7 @@ def run_study(config: StudyConfig, progress: bool = True, *, cells: Sequence[int
     if lm is not None and len({c.model for c in chosen}) > 1:
         raise ValueError("lm= serves a study of one model; this one has several")
     loaded: tuple[tuple[str, str, str], LoadedModel] | None = None
+    model: LoadedModel | None = None
     busy: list[CellLockedError] = []
     for cell in chosen:
         key = (cell.model, cell.dtype, cell.device)
@@ -85,7 +86,7 @@ def run_study(config: StudyConfig, progress: bool = True, *, cells: Sequence[int
         elif loaded is not None and loaded[0] == key:
             model = loaded[1]
         else:
-            loaded = None  # free the previous model before loading the next
+            loaded = model = None  # free the previous model before loading the next
             gc.collect()
             log.info("loading %s (%s on %s) for cell %d", *key, cell.index)
             loaded = (key, load_model(cell.model, dtype=cell.dtype, device=cell.device))
