@@ -19,7 +19,6 @@ named in a warning and listed in :attr:`Results.problems`, never dropped silentl
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from dataclasses import dataclass, field
@@ -71,12 +70,13 @@ def _axes_of(folder: Path, meta: dict[str, Any]) -> dict[str, Any]:
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
+    """A cell's optional metadata file: None when missing; unreadable is warned about, then skipped."""
+    if not path.exists():
         return None
-    except (OSError, ValueError) as error:
-        log.warning("%s is unreadable (%s); its cell's metadata is skipped", path, error)
+    try:
+        return read_json(path, "its cell's metadata is skipped")
+    except ResultsFileError as error:
+        log.warning("%s", error)
         return None
 
 

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 from .editors import resolve_params
 from .grid import DEFAULT_CHECKPOINTS, Cell, StudyConfig
 from .locks import CellLockedError, owner
-from .modelinfo import describe_model
+from .modelinfo import ModelInfo, describe_model
 from .results import Results, load_results
 from .store import RunStore, write_items
 
@@ -112,8 +112,12 @@ def cell_states(config: StudyConfig) -> list[dict[str, object]]:
     a cell another process holds says so.
     """
     rows = []
+    infos: dict[tuple, ModelInfo] = {}  # one look-up per model, not per cell
     for cell in config.cells():
-        info = describe_model(cell.model, cell.declared_info)
+        key = (cell.model, tuple(sorted(cell.declared_info.items())))
+        if key not in infos:
+            infos[key] = describe_model(cell.model, cell.declared_info)
+        info = infos[key]
         row: dict[str, object] = {"cell": cell.index, **cell.axes(), "run_id": None, "state": "unknown"}
         if info.model_type is not None:
             params = resolve_params(cell.method, info, **cell.editor_overrides)
