@@ -17,7 +17,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 __all__ = ["get_module", "get_parameter", "forward_hooks", "forward_pre_hooks", "inputs_only_at", "capture",
-           "attach_forward_hook"]
+           "attach_forward_hook", "by_position", "replaced_forward"]
 
 HookFn = Callable[[nn.Module, tuple, object], object]
 PreHookFn = Callable[[nn.Module, tuple], object]
@@ -72,6 +72,24 @@ def forward_pre_hooks(model: nn.Module, hooks: Sequence[tuple[str, PreHookFn]]
     return _registered(model, hooks, pre=True)
 
 
+@contextlib.contextmanager
+def replaced_forward(model: nn.Module, paths: Sequence[str], fn: Callable[..., object]) -> Iterator[None]:
+    """Call ``fn(*args, **kwargs)`` instead of the ``forward`` of the modules at ``paths``, for the block.
+
+    Hooks registered on those modules still run around ``fn``. The modules'
+    own ``forward`` is back when the block exits, also on an error.
+    """
+    modules = [get_module(model, path) for path in paths]
+    try:
+        for module in modules:
+            module.forward = fn
+        yield
+    finally:
+        for module in modules:
+            if "forward" in vars(module):
+                del module.forward
+
+
 def inputs_only_at(model: nn.Module, path: str, rows: torch.Tensor, positions: torch.Tensor
                    ) -> contextlib.AbstractContextManager[None]:
     """Feed the module at ``path`` only its input at ``(rows, positions)``, for the block.
@@ -95,6 +113,15 @@ def attach_forward_hook(model: nn.Module, path: str, fn: HookFn) -> RemovableHan
     lives for one computation uses :func:`forward_hooks` instead.
     """
     return get_module(model, path).register_forward_hook(fn)
+
+
+def by_position(activation: torch.Tensor, batch: int) -> torch.Tensor:
+    """``activation`` viewed as ``(batch, positions, width)``.
+
+    Most blocks keep the token axis, but some MLPs (OPT's) run on the tokens
+    flattened to ``(batch * positions, width)``; this is the one place that undoes it.
+    """
+    return activation if activation.dim() == 3 else activation.view(batch, -1, activation.shape[-1])
 
 
 @contextlib.contextmanager

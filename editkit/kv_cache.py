@@ -12,7 +12,7 @@ import copy
 
 import torch
 
-__all__ = ["select_rows"]
+__all__ = ["fresh_copy", "select_rows"]
 
 
 def select_rows(cache: object, rows: torch.Tensor) -> object:
@@ -28,7 +28,18 @@ def select_rows(cache: object, rows: torch.Tensor) -> object:
     Returns:
         A cache of batch size ``n``; ``cache`` itself is unchanged.
     """
-    picked = copy.copy(cache)
-    picked.layers = [copy.copy(layer) for layer in cache.layers]
+    picked = fresh_copy(cache)
     picked.batch_select_indices(rows)
     return picked
+
+
+def fresh_copy(cache: object) -> object:
+    """A copy of a key/value cache that a forward pass can extend without touching ``cache``.
+
+    Cache layers extend by concatenation (``keys = cat([keys, new])``), never in
+    place, so copying the cache and its layer objects shallowly is enough: the
+    copy shares the stored tensors until its first update replaces them.
+    """
+    copied = copy.copy(cache)
+    copied.layers = [copy.copy(layer) for layer in cache.layers]
+    return copied

@@ -11,8 +11,9 @@ subject's last token; values are the output of a hooked module at that token.
 from __future__ import annotations
 
 import inspect
+import logging
 import unicodedata
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -20,8 +21,9 @@ import torch
 import torch.nn.functional as F
 
 from .corpus import sample_texts
-from .hooks import capture, forward_hooks
+from .hooks import by_position, capture, forward_hooks
 from .losses import target_nll
+from .prefix_cache import PrefixCachedBatch, SplitUnsupported
 from .tokens import encode, encode_pair, pad_batch, subject_last_token, target_text
 from .types import EditRequest
 
@@ -32,6 +34,8 @@ __all__ = [
     "context_templates", "subject_keys", "module_io_at_subject", "optimize_target_value", "optimize_target_values",
     "TargetValue",
 ]
+
+log = logging.getLogger(__name__)
 
 
 def context_templates(lm: LoadedModel, length_params: Sequence[Sequence[int]], seed: int) -> list[str]:
@@ -63,7 +67,7 @@ def subject_keys(lm: LoadedModel, module_path: str, prefixes: Sequence[str], pro
     ids, mask = _batch(lm, [encode(lm.tokenizer, t) for t in texts])
     with torch.no_grad(), capture(lm.model, [module_path], outputs=False) as store:
         lm.model(input_ids=ids, attention_mask=mask)
-    keys = store[module_path][0]
+    keys = by_position(store[module_path][0], len(positions))
     return keys[torch.arange(len(positions)), torch.tensor(positions)].detach()
 
 
@@ -73,7 +77,7 @@ def module_io_at_subject(lm: LoadedModel, module_path: str, prompt: str, subject
     ids = torch.tensor([encode(lm.tokenizer, text)], device=lm.device)
     with torch.no_grad(), capture(lm.model, [module_path]) as store:
         lm.model(input_ids=ids)
-    key, value = store[module_path]
+    key, value = (by_position(t, 1) for t in store[module_path])
     return key[0, position].detach(), value[0, position].detach()
 
 
@@ -92,6 +96,41 @@ def optimize_target_value(lm: LoadedModel, request: EditRequest, hook_path: str,
     return optimize_target_values(lm, request, [hook_path], prefixes, **options)[hook_path]
 
 
+def _first_block(lm: LoadedModel, paths: Sequence[str]) -> int:
+    """The lowest block index that contains one of ``paths`` (0 when one is outside the blocks)."""
+    prefix = lm.adapter.blocks + "."
+    indices = []
+    for path in paths:
+        head = path[len(prefix):].split(".")[0] if path.startswith(prefix) else ""
+        if not head.isdigit():
+            return 0
+        indices.append(int(head))
+    return min(indices)
+
+
+def _batch_runner(lm: LoadedModel, sequences: list[list[int]], lookups: list[int], hook_paths: Sequence[str],
+                  split_prefix: bool) -> tuple[Callable[[torch.Tensor], torch.Tensor], list[int]]:
+    """``(forward, offsets)``: ``forward(positions)`` gives logits at those positions of every row, in a
+    layout where row ``r``'s token ``i`` sits at ``i - offsets[r]``."""
+    if split_prefix:
+        try:
+            split = PrefixCachedBatch(lm.model, sequences, lookups, lm.tokenizer.pad_token_id,
+                                      blocks=lm.adapter.blocks,
+                                      first_block=_first_block(lm, hook_paths))
+            return split, lookups
+        except SplitUnsupported as why:
+            log.debug("target optimisation runs the full batch at every step: %s", why)
+    ids, mask = _batch(lm, sequences)
+    keeps = "logits_to_keep" in inspect.signature(lm.model.forward).parameters
+
+    def forward(positions: torch.Tensor) -> torch.Tensor:
+        if keeps:
+            return lm.model(input_ids=ids, attention_mask=mask, logits_to_keep=positions).logits
+        return lm.model(input_ids=ids, attention_mask=mask).logits[:, positions]
+
+    return forward, [0] * len(sequences)
+
+
 def optimize_target_values(
     lm: LoadedModel,
     request: EditRequest,
@@ -107,6 +146,7 @@ def optimize_target_values(
     adaptive_nll: bool = False,
     early_stop_loss: float = 5e-2,
     kl_prompts: Sequence[str] = ("{} is a",),
+    split_prefix: bool = True,
 ) -> dict[str, TargetValue]:
     """Find outputs of the ``hook_paths`` modules at the subject that make the model say the target.
 
@@ -140,47 +180,50 @@ def optimize_target_values(
         text, position = subject_last_token(tokenizer, "", template.format(request.subject), request.subject)
         sequences.append(encode(lm.tokenizer, text))
         lookups.append(position)
-    ids, mask = _batch(lm, sequences)
-    rows = torch.arange(len(sequences), device=lm.device)
-    lookup = torch.tensor(lookups, device=lm.device)
-    target_rows = torch.tensor([r for r, ts in enumerate(targets) for _ in ts], device=lm.device)
-    target_pos = torch.tensor([p for ts in targets for p, _ in ts], device=lm.device)
-    target_tok = torch.tensor([t for ts in targets for _, t in ts], device=lm.device)
+    forward, offsets = _batch_runner(lm, sequences, lookups, hook_paths, split_prefix)
+    device = lm.device
+    rows = torch.arange(len(sequences), device=device)
+    lookup = torch.tensor([p - o for p, o in zip(lookups, offsets)], device=device)
+    target_rows = torch.tensor([r for r, ts in enumerate(targets) for _ in ts], device=device)
+    target_pos = torch.tensor([p - offsets[r] for r, ts in enumerate(targets) for p, _ in ts], device=device)
+    target_tok = torch.tensor([t for ts in targets for _, t in ts], device=device)
+    # Unembed only the positions the loss reads (the LM head dominates a small model's cost).
+    kl_pos = lookup[n_rewrite:]
+    needed = torch.unique(torch.cat([target_pos, kl_pos]))
+    target_pos, kl_pos = torch.searchsorted(needed, target_pos), torch.searchsorted(needed, kl_pos)
 
+    initial: dict[str, torch.Tensor] = {}
     deltas: dict[str, torch.Tensor] = {}
 
     def add_delta(path: str) -> Any:
         def hook(module: torch.nn.Module, args: tuple, output: Any) -> Any:
             hidden = output[0] if isinstance(output, tuple) else output
+            shaped = by_position(hidden, len(rows))
+            if path not in deltas:  # the first step runs unedited: read v0 there (row 0 is the bare prompt)
+                initial[path] = shaped[0, lookup[0]].detach().clone()
+                deltas[path] = torch.zeros_like(initial[path], requires_grad=True)
             # index_put (not in-place +=) keeps the graph valid for backward.
-            update = torch.zeros_like(hidden).index_put((rows, lookup), deltas[path].expand(len(rows), -1))
-            hidden = hidden + update
+            update = torch.zeros_like(shaped).index_put((rows, lookup), deltas[path].expand(len(rows), -1))
+            hidden = hidden + update.view(hidden.shape)
             return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
 
         return hook
 
-    # v0: each module's output at the subject's last token of the bare prompt (row 0).
-    with torch.no_grad(), capture(lm.model, list(hook_paths), inputs=False) as store:
-        lm.model(input_ids=ids, attention_mask=mask)
-    initial = {path: store[path][1][0, lookups[0]].detach().clone() for path in hook_paths}
-    for path in hook_paths:
-        deltas[path] = torch.zeros_like(initial[path], requires_grad=True)
-    optimizer = torch.optim.Adam(list(deltas.values()), lr=v_lr)
-    max_norms = {path: clamp_norm_factor * initial[path].norm() for path in hook_paths}
+    optimizer = None
     nll_weight = nll_loss_factor
     kl_init = None
     losses = []
-    # Unembed only the positions the loss reads (the LM head dominates a small model's cost).
-    kl_pos = lookup[n_rewrite:]
-    keep: dict[str, Any] = {}
-    if "logits_to_keep" in inspect.signature(lm.model.forward).parameters:
-        needed = torch.unique(torch.cat([target_pos, kl_pos]))
-        keep = {"logits_to_keep": needed}
-        target_pos, kl_pos = torch.searchsorted(needed, target_pos), torch.searchsorted(needed, kl_pos)
     with forward_hooks(lm.model, [(path, add_delta(path)) for path in hook_paths]):
         for step in range(v_num_grad_steps):
-            optimizer.zero_grad()
-            logits = lm.model(input_ids=ids, attention_mask=mask, **keep).logits.float()
+            if optimizer is not None:
+                optimizer.zero_grad()
+            logits = forward(needed).float()
+            if optimizer is None:
+                not_run = [path for path in hook_paths if path not in deltas]
+                if not_run:
+                    raise RuntimeError(f"hooked modules {not_run} did not run in the forward pass")
+                optimizer = torch.optim.Adam([deltas[p] for p in hook_paths], lr=v_lr)
+                max_norms = {path: clamp_norm_factor * initial[path].norm() for path in hook_paths}
             target_logits = logits[target_rows, target_pos]
             nll = target_nll(target_logits, target_tok, groups=target_rows, n_groups=n_rewrite).mean()
             kl_log_probs = torch.log_softmax(logits[rows[n_rewrite:], kl_pos], dim=-1)

@@ -15,7 +15,8 @@ FAST = dict(v_num_grad_steps=5, context_template_length_params=[[5, 2]])
 REQUEST = EditRequest("The Eiffel Tower is located in the city of", "The Eiffel Tower", "Rome", "Paris", case_id="t")
 
 
-@pytest.mark.parametrize("model_type", ["llama", "gpt2"])
+# OPT's MLP sees the tokens flattened to (batch * positions, width): editkit.hooks.by_position.
+@pytest.mark.parametrize("model_type", ["llama", "gpt2", "opt"])
 def test_update_is_rank_one_and_maps_key_to_value(make_tiny, model_type):
     lm = make_tiny(model_type)
     editor = editkit.get_editor("rome", lm, layers=[1], **FAST)
