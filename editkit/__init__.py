@@ -29,6 +29,7 @@ _LAZY = {
     "load_results": "editkit.results:load_results",
     "load_study": "editkit.runs:load_study",
     "describe_model": "editkit.modelinfo:describe_model",
+    "first_significant_drop": "editkit.paired:first_significant_drop",
 }
 
 __all__ = sorted(_LAZY)

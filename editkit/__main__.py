@@ -124,11 +124,13 @@ def _run(args: argparse.Namespace) -> int:
         return 3
     out = Path(config.results_dir)
     if not args.no_charts and len(result.scores):
-        from .viz import edit_quality_curves, save_chart, score_curves
+        from .viz import delta_curves, edit_quality_curves, save_chart, score_curves
 
         save_chart(score_curves(result.scores), out / "score_curves")
         if len(result.edit_quality):
             save_chart(edit_quality_curves(result.edit_quality), out / "edit_quality_curves")
+        if len(result.deltas):
+            save_chart(delta_curves(result.deltas), out / "delta_curves")
     logging.getLogger("editkit").info("results in %s", out)
     return 0
 

@@ -5,7 +5,10 @@ and returns :class:`Results`: ``scores``, ``items``, ``edit_quality``, ``generat
 and ``checkpoints``, each with the columns ``run_id``, ``model``, ``method``,
 ``dataset``, ``seed``, ``edit_batch_size`` and ``n_edits``; and ``models``, one row of
 metadata per model (family, parameter count, instruct or base, layers), to join on
-``model`` (:meth:`Results.with_models`).
+``model`` (:meth:`Results.with_models`). :attr:`Results.deltas` pairs every edited
+checkpoint's items with its unedited model's (:func:`editkit.paired.deltas`): the mean
+change per task of the gold log-likelihood, the gold's probability share and accuracy,
+with paired intervals and p-values.
 
 Folders written before the study grid (single-model RQ1 runs) load as they are: their
 axes are read from the ``config.json`` they have (``dataset``, ``seed``) and they were
@@ -19,6 +22,7 @@ named in a warning and listed in :attr:`Results.problems`, never dropped silentl
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from dataclasses import dataclass, field
@@ -27,6 +31,7 @@ from typing import Any
 
 import pandas as pd
 
+from . import paired
 from .modelinfo import INFO_FIELDS, describe_model
 from .store import AXES, EMPTY_COLUMNS, FRAMES, ResultsFileError, RunStore, read_json
 
@@ -56,6 +61,17 @@ class Results:
         if frame.empty or self.models.empty:
             return frame.assign(**{c: pd.Series(dtype=object) for c in INFO_FIELDS if c not in frame})
         return frame.merge(self.models, on="model", how="left", suffixes=("", "_model"))
+
+    @functools.cached_property
+    def deltas(self) -> pd.DataFrame:
+        """Paired change of every edited checkpoint against its run's unedited model, per task and metric.
+
+        :func:`editkit.paired.deltas` of :attr:`items` with its defaults (2000 resamples,
+        seed 0, 95% intervals), computed on first use and kept. Empty, with the columns
+        :data:`editkit.paired.DELTA_COLUMNS`, when the items were not loaded or no run has
+        an ``n_edits == 0`` checkpoint.
+        """
+        return paired.deltas(self.items)
 
 
 def _axes_of(folder: Path, meta: dict[str, Any]) -> dict[str, Any]:

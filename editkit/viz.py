@@ -24,7 +24,8 @@ from pathlib import Path
 import altair as alt
 import pandas as pd
 
-__all__ = ["CHANCE_LEVELS", "NON_SCORE_METRICS", "curves", "score_curves", "edit_quality_curves", "save_chart"]
+__all__ = ["CHANCE_LEVELS", "NON_SCORE_METRICS", "curves", "score_curves", "edit_quality_curves", "delta_curves",
+           "save_chart"]
 
 # Accuracy of uniform guessing, by task. MMLU has four options in both the cloze
 # (likelihood) and the lettered (generation) formats; GSM8K has no chance level.
@@ -111,6 +112,7 @@ def curves(
     title: str = "",
     subtitle: str = "",
     tooltip: Sequence[str] = (),
+    rule_title: str = "chance",
 ) -> alt.FacetChart:
     """The one chart builder: lines of ``value`` against ``x`` with 95% CI bands, faceted.
 
@@ -121,7 +123,8 @@ def curves(
     Args:
         frame: tidy rows with ``value``, optionally ``ci_low``/``ci_high`` (the band),
             ``collapsed`` with ``collapse_y`` (a red cross instead of a score) and
-            ``chance`` (a dashed rule per panel), and the columns named below.
+            ``chance`` (a dashed rule per panel, named ``rule_title`` on hover), and
+            the columns named below.
         x: quantitative column for the x axis. ``n_edits`` gets the symlog axis of
             the study's checkpoints; another positive column (``n_params``) a log axis.
         color: nominal column for colour (one line per value and ``detail``).
@@ -184,7 +187,7 @@ def curves(
             alt.Chart().transform_filter("isValid(datum.chance)")
             .mark_rule(strokeDash=[5, 4], color="gray", opacity=0.8)
             .encode(y=alt.Y("mean(chance):Q", title=y_title),
-                    tooltip=[alt.Tooltip("mean(chance):Q", title="chance")]))
+                    tooltip=[alt.Tooltip("mean(chance):Q", title=rule_title)]))
     layered = alt.layer(*layers, data=frame).properties(width=_PANEL_WIDTH, height=_PANEL_HEIGHT)
     chart = _facet(layered, frame, facet, facet_order, columns, row, row_order, column, column_order)
     return chart.properties(title=alt.TitleParams(title, subtitle=subtitle) if subtitle else title)
@@ -333,6 +336,45 @@ def edit_quality_curves(edit_quality: pd.DataFrame, convention: str | None = Non
         subtitle = "latest: the edits of the last step · retention: every edit so far · band: 95% CI"
     return curves(frame, y_title="rate", y_domain=(0, 1), band_opacity=0.15, tooltip=("scope", "convention", "n"),
                   title="Edit quality vs number of sequential edits", subtitle=subtitle, **options)
+
+
+_DELTA_TITLES = {"acc": "Δ accuracy", "loglik": "Δ log-likelihood of the gold answer",
+                 "prob": "Δ probability share of the gold answer"}
+
+
+def delta_curves(deltas: pd.DataFrame, metric: str = "acc", tasks: Sequence[str] | None = None, columns: int = 3,
+                 *, color: str = "method", dash: str | None = None) -> alt.FacetChart:
+    """Paired change against the unedited model vs the number of edits, one panel per task.
+
+    Args:
+        deltas: ``Results.deltas`` (:func:`editkit.paired.deltas`).
+        metric: ``"acc"``, ``"loglik"`` or ``"prob"``.
+        tasks: tasks to draw, in panel order (default: all).
+        columns: panels per row.
+        color, dash: as in :func:`curves`; dashed by model when there are several.
+
+    Returns:
+        Lines of the mean change with its 95% paired bootstrap interval as a band and a
+        dashed rule at 0 (no change) in every panel.
+
+    Raises:
+        ValueError: no rows of ``metric`` (and ``tasks``) to draw.
+    """
+    frame = deltas[deltas["metric"] == metric]
+    if tasks is not None:
+        frame = frame[frame["task"].isin(tasks)]
+    if frame.empty:
+        raise ValueError(f"no delta rows to draw for metric={metric!r} tasks={tasks!r}")
+    frame = frame.rename(columns={"delta": "value"}).assign(chance=0.0)  # the rule: no change
+    frame = frame.sort_values(["task", "run_id", "n_edits"]).reset_index(drop=True)
+    if dash is None and color != "model" and frame["model"].nunique() > 1:
+        dash = "model"
+    chart = curves(frame, color=color, dash=dash, facet="task", facet_order=_ordered(frame["task"], tasks),
+                   columns=columns, y_title=_DELTA_TITLES.get(metric, f"Δ {metric}"), rule_title="no change",
+                   tooltip=("task", "metric", "p_value", "n_items", "n_excluded"),
+                   title="Change against the unedited model, on the same items",
+                   subtitle="band: 95% paired bootstrap CI · dashed: no change")
+    return chart.resolve_scale(y="independent")
 
 
 def save_chart(chart: alt.TopLevelMixin, path_stem: str | Path, scale_factor: float = 2.0) -> list[Path]:
