@@ -27,9 +27,10 @@ in ``n_excluded`` and named in ``item_changes(...)["excluded"]``, never dropped 
 bootstrap interval (:func:`paired_bootstrap`) and a two-sided p-value:
 
 * acc: the exact McNemar test on the discordant items (:func:`mcnemar_exact`); tasks with
-  graded scores fall back to the bootstrap p-value.
-* loglik, prob: the paired bootstrap p-value. scipy is not a dependency of editkit, so there
-  is no Wilcoxon signed-rank test; the bootstrap tests the same quantity as the interval.
+  graded scores fall back to the sign-flip test.
+* loglik, prob: a sign-flip randomisation test of the paired differences
+  (:func:`sign_flip_p`; exact with up to 12 changed items). scipy is not a dependency of
+  editkit, so there is no Wilcoxon signed-rank test.
 
 A checkpoint that collapsed was not evaluated (it has no items), so it has no rows here;
 :attr:`editkit.results.Results.checkpoints` gives its status.
@@ -51,7 +52,7 @@ import numpy as np
 import pandas as pd
 
 __all__ = ["CHANGE_COLUMNS", "DELTA_COLUMNS", "DROP_COLUMNS", "METRICS", "PairedTest", "deltas",
-           "first_significant_drop", "holm", "item_changes", "mcnemar_exact", "paired_bootstrap"]
+           "first_significant_drop", "holm", "item_changes", "mcnemar_exact", "paired_bootstrap", "sign_flip_p"]
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +68,8 @@ _REQUIRED = (*RUN_COLUMNS, "n_edits", "task", "item_id", "correct")
 _DRAWS_PER_CHUNK = 4_000_000
 # Up to this many distinct differences, the bootstrap draws counts per value, not items.
 _FEW_VALUES = 16
+# Up to this many non-zero differences, sign_flip_p enumerates every pattern of signs.
+_EXACT_SIGNS = 12
 
 
 @dataclass(frozen=True)
@@ -89,15 +92,14 @@ class PairedTest:
 
 def paired_bootstrap(differences: Sequence[float] | np.ndarray, *, n_boot: int = 2000, seed: int = 0,
                      alpha: float = 0.05) -> PairedTest:
-    """Percentile bootstrap of the mean of per-item differences.
+    """Percentile bootstrap of the mean of per-item differences, and a sign-flip p-value.
 
     Resampling the differences resamples each item together with its own reference, the
-    paired bootstrap. The p-value is the share of resampled means on the other side of zero
-    from the observed mean, doubled, capped at 1 and floored at ``1 / (n_boot + 1)`` (a
-    resample cannot show a smaller p); it is 1 when the mean is exactly 0. With few items
-    (tens) the percentile interval is too narrow and the p-value too small: read them there
-    as descriptive. Differences that take few distinct values (changes of 0/1 scores) are
-    resampled as multinomial counts per value, the same distribution at a fraction of the cost.
+    paired bootstrap. The p-value is :func:`sign_flip_p` with ``n_boot`` patterns (exact
+    with few items, where a bootstrap p-value would be far too small). With few items
+    (tens) the percentile interval is too narrow: read it there as descriptive. Differences
+    that take few distinct values (changes of 0/1 scores) are resampled as multinomial
+    counts per value, the same distribution at a fraction of the cost.
 
     Args:
         differences: one change per item (after minus before), all finite.
@@ -131,12 +133,40 @@ def paired_bootstrap(differences: Sequence[float] | np.ndarray, *, n_boot: int =
             stop = min(n_boot, start + step)
             means[start:stop] = values[rng.integers(0, n, size=(stop - start, n), dtype=np.int32)].mean(axis=1)
     low, high = np.quantile(means, [alpha / 2, 1 - alpha / 2])
-    if mean == 0:
-        p_value = 1.0
-    else:
-        other_side = np.count_nonzero(means <= 0 if mean > 0 else means >= 0)
-        p_value = min(1.0, max(2 * other_side / n_boot, 1 / (n_boot + 1)))
-    return PairedTest(mean, float(low), float(high), p_value, n)
+    return PairedTest(mean, float(low), float(high), sign_flip_p(values, n_perm=n_boot, seed=seed), n)
+
+
+def sign_flip_p(differences: Sequence[float] | np.ndarray, *, n_perm: int = 2000, seed: int = 0) -> float:
+    """Two-sided p-value of "no change" by flipping the signs of paired differences.
+
+    Under the null hypothesis each item's change is as likely to be negative as positive,
+    so every pattern of signs is equally likely; the p-value is the share of patterns whose
+    |sum| reaches the observed one. With up to 12 non-zero differences all 2^n patterns are
+    enumerated (exact: two items can never give p below 0.5); above that, ``n_perm``
+    random patterns, counting the observed one, give ``(1 + hits) / (n_perm + 1)``. It is 1
+    when the sum is 0. Zero differences do not change under a flip and are left out.
+
+    Raises:
+        ValueError: a difference is not finite.
+    """
+    values = np.asarray(differences, dtype=float).ravel()
+    if not np.isfinite(values).all():
+        raise ValueError("sign_flip_p needs finite differences")
+    values = values[values != 0]
+    observed = abs(float(values.sum()))
+    if observed == 0:
+        return 1.0
+    reach = observed * (1 - 1e-9)  # a pattern equal to the observed one, up to summation rounding
+    n = len(values)
+    if n <= _EXACT_SIGNS:
+        signs = ((np.arange(2**n)[:, None] >> np.arange(n)) & 1) * 2 - 1
+        return float(np.mean(np.abs(signs @ values) >= reach))
+    rng = np.random.default_rng(seed)
+    hits, step = 0, max(1, _DRAWS_PER_CHUNK // n)
+    for start in range(0, n_perm, step):
+        signs = rng.integers(0, 2, size=(min(step, n_perm - start), n), dtype=np.int8) * 2 - 1
+        hits += int(np.count_nonzero(np.abs(signs @ values) >= reach))
+    return (1 + hits) / (n_perm + 1)
 
 
 def mcnemar_exact(b: int, c: int) -> float:
@@ -308,7 +338,7 @@ def deltas(items: pd.DataFrame, *, n_boot: int = 2000, seed: int = 0, alpha: flo
         :data:`DELTA_COLUMNS`. ``delta`` is the mean of after minus before over the
         ``n_items`` usable pairs (NaN when there are none); ``ci_low``/``ci_high`` its
         paired bootstrap interval; ``p_value`` the exact McNemar test for acc and the
-        bootstrap test otherwise (see the module docstring); ``n_excluded`` the items of
+        sign-flip test otherwise (see the module docstring); ``n_excluded`` the items of
         either side left out. Metrics loglik and prob only for tasks with ``logprobs``.
         Empty (with the columns) without items or without any unedited checkpoint.
     """

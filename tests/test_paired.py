@@ -17,6 +17,7 @@ from editkit.paired import (
     item_changes,
     mcnemar_exact,
     paired_bootstrap,
+    sign_flip_p,
 )
 
 RUN = {"run_id": "run-a", "model": "tiny", "method": "rome", "dataset": "counterfact", "seed": 0,
@@ -76,6 +77,18 @@ def test_paired_bootstrap_is_seeded_and_brackets_the_mean():
     assert single.delta == -2.0 and math.isnan(single.ci_low) and math.isnan(single.p_value)
     with pytest.raises(ValueError, match="finite"):
         paired_bootstrap([1.0, math.nan])
+
+
+def test_sign_flip_p_is_exact_for_few_items_and_calibrated_for_many():
+    assert sign_flip_p([-1.0, -1.0]) == 0.5  # of ++, +-, -+, --, two reach |sum| 2
+    assert sign_flip_p([-1.0, -2.0, -3.0, 0.0]) == 0.25  # zeros do not flip; only all-same signs reach 6
+    assert sign_flip_p([0.0, 0.0]) == 1.0 and sign_flip_p([1.0, -1.0]) == 1.0
+    drop = np.random.default_rng(0).normal(-0.3, 1.0, size=200)
+    assert sign_flip_p(drop, n_perm=500) == pytest.approx(1 / 501)  # no pattern reaches it
+    nulls = [sign_flip_p(np.random.default_rng(s).normal(0.0, 1.0, size=40), n_perm=200, seed=s) for s in range(60)]
+    assert 0.01 <= np.mean(np.array(nulls) < 0.05) <= 0.15  # about 5% under the null
+    with pytest.raises(ValueError, match="finite"):
+        sign_flip_p([math.inf, 1.0])
 
 
 def test_a_uniform_drop_of_one_nat_is_measured_exactly():
