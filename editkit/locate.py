@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from .corpus import sample_texts
 from .hooks import by_position, capture, forward_hooks
 from .losses import target_nll
-from .prefix_cache import PrefixCachedBatch, SplitUnsupported
+from .prefix_cache import PrefixCachedBatch, SplitUnsupported, logits_at
 from .tokens import encode, encode_pair, pad_batch, subject_last_token, target_text
 from .types import EditRequest
 
@@ -124,9 +124,7 @@ def _batch_runner(lm: LoadedModel, sequences: list[list[int]], lookups: list[int
     keeps = "logits_to_keep" in inspect.signature(lm.model.forward).parameters
 
     def forward(positions: torch.Tensor) -> torch.Tensor:
-        if keeps:
-            return lm.model(input_ids=ids, attention_mask=mask, logits_to_keep=positions).logits
-        return lm.model(input_ids=ids, attention_mask=mask).logits[:, positions]
+        return logits_at(lm.model, positions, keeps, input_ids=ids, attention_mask=mask)
 
     return forward, [0] * len(sequences)
 

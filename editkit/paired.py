@@ -4,6 +4,9 @@ Each checkpoint of a run is evaluated on the same benchmark items as the run's u
 model (``n_edits == 0``), so what a sequence of edits changed can be measured on each item
 and tested with paired statistics. Pairing removes the item-to-item variance that two
 independent accuracies with their own intervals carry, and sees much smaller drops.
+:func:`editkit.benchmarks.paired_deltas` does the same for two item frames of one
+evaluation (every metric column, intervals only); this module works on a results root,
+per checkpoint, with p-values, and shares its bootstrap.
 
 :func:`item_changes` matches every checkpoint's items with the reference's on
 ``(task, item_id)``, never on row order, and gives three scores per item, before and after:
@@ -51,6 +54,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from .benchmarks.metrics import bootstrap_means
+
 __all__ = ["CHANGE_COLUMNS", "DELTA_COLUMNS", "DROP_COLUMNS", "METRICS", "PairedTest", "deltas",
            "first_significant_drop", "holm", "item_changes", "mcnemar_exact", "paired_bootstrap", "sign_flip_p"]
 
@@ -64,10 +69,8 @@ DROP_COLUMNS = (*RUN_COLUMNS, "task", "first_drop", "p_adjusted", "n_tested")
 CHANGE_COLUMNS = (*RUN_COLUMNS, "n_edits", "task", "item_id", "excluded",
                   *(f"{metric}_{side}" for metric in METRICS for side in ("before", "after")))
 _REQUIRED = (*RUN_COLUMNS, "n_edits", "task", "item_id", "correct")
-# Resampled item indices drawn at once: bounds memory (4 bytes each) for 14k-item MMLU.
+# Random signs drawn at once: bounds memory (1 byte each) for 14k-item MMLU.
 _DRAWS_PER_CHUNK = 4_000_000
-# Up to this many distinct differences, the bootstrap draws counts per value, not items.
-_FEW_VALUES = 16
 # Up to this many non-zero differences, sign_flip_p enumerates every pattern of signs.
 _EXACT_SIGNS = 12
 
@@ -97,9 +100,8 @@ def paired_bootstrap(differences: Sequence[float] | np.ndarray, *, n_boot: int =
     Resampling the differences resamples each item together with its own reference, the
     paired bootstrap. The p-value is :func:`sign_flip_p` with ``n_boot`` patterns (exact
     with few items, where a bootstrap p-value would be far too small). With few items
-    (tens) the percentile interval is too narrow: read it there as descriptive. Differences
-    that take few distinct values (changes of 0/1 scores) are resampled as multinomial
-    counts per value, the same distribution at a fraction of the cost.
+    (tens) the percentile interval is too narrow: read it there as descriptive. The
+    resampling is :func:`editkit.benchmarks.metrics.bootstrap_means`, the benchmarks' own.
 
     Args:
         differences: one change per item (after minus before), all finite.
@@ -121,17 +123,7 @@ def paired_bootstrap(differences: Sequence[float] | np.ndarray, *, n_boot: int =
     mean = float(values.mean())
     if n < 2:  # one item: a resample is the item itself, which says nothing about spread
         return PairedTest(mean, math.nan, math.nan, math.nan, 1)
-    rng = np.random.default_rng(seed)
-    distinct, counts = np.unique(values, return_counts=True)
-    if len(distinct) <= _FEW_VALUES:
-        # Changes of 0/1 scores take three values: how often each is drawn is all a resample is.
-        means = rng.multinomial(n, counts / n, size=n_boot) @ distinct / n
-    else:
-        means = np.empty(n_boot)
-        step = max(1, _DRAWS_PER_CHUNK // n)
-        for start in range(0, n_boot, step):
-            stop = min(n_boot, start + step)
-            means[start:stop] = values[rng.integers(0, n, size=(stop - start, n), dtype=np.int32)].mean(axis=1)
+    means = bootstrap_means(values, n_boot, np.random.default_rng(seed))
     low, high = np.quantile(means, [alpha / 2, 1 - alpha / 2])
     return PairedTest(mean, float(low), float(high), sign_flip_p(values, n_perm=n_boot, seed=seed), n)
 

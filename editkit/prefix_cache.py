@@ -44,7 +44,7 @@ from torch import nn
 from .hooks import forward_hooks, forward_pre_hooks, get_module, replaced_forward
 from .kv_cache import fresh_copy
 
-__all__ = ["PrefixCachedBatch", "SplitUnsupported"]
+__all__ = ["PrefixCachedBatch", "SplitUnsupported", "logits_at"]
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +109,6 @@ class PrefixCachedBatch:
         n_blocks = len(get_module(model, blocks)) if blocks else 0
         self.first_block = first_block if 0 < first_block < n_blocks else 0
         self._below: Any = None  # the output of block first_block - 1, recorded on the first call
-        self._calls = 0
 
     def _prefix_cache(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> Any:
         from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
@@ -175,21 +174,28 @@ class PrefixCachedBatch:
 
     def __call__(self, logits_to_keep: torch.Tensor | None = None) -> torch.Tensor:
         """Logits of the suffix passes (at ``logits_to_keep`` suffix indices, when given)."""
-        kwargs: dict[str, Any] = {"input_ids": self.suffix_ids, "attention_mask": self.attention_mask,
+        inputs: dict[str, Any] = {"input_ids": self.suffix_ids, "attention_mask": self.attention_mask,
                                   "position_ids": self.position_ids, "use_cache": self.cache is not None}
         if self.cache is not None:
-            kwargs[self.cache_argument] = fresh_copy(self.cache)
-        if logits_to_keep is not None and self.keeps_logits:
-            kwargs["logits_to_keep"] = logits_to_keep
+            inputs[self.cache_argument] = fresh_copy(self.cache)
         if not self.first_block:
             context: contextlib.AbstractContextManager = contextlib.nullcontext()
-        elif self._calls == 0:
+        elif self._below is None:
             context = self._record_below()
         else:
             context = self._skip_below()
-        self._calls += 1
         with context:
-            logits = self.model(**kwargs).logits
-        if logits_to_keep is not None and not self.keeps_logits:
-            logits = logits[:, logits_to_keep]
-        return logits
+            return logits_at(self.model, logits_to_keep, self.keeps_logits, **inputs)
+
+
+def logits_at(model: nn.Module, positions: torch.Tensor | None, keeps_logits: bool, **inputs: Any) -> torch.Tensor:
+    """``model(**inputs)``'s logits at ``positions`` of the sequence axis (all when None).
+
+    With ``keeps_logits`` (the forward takes ``logits_to_keep``) only those positions are
+    unembedded: the LM head dominates a small model's cost.
+    """
+    if positions is None:
+        return model(**inputs).logits
+    if keeps_logits:
+        return model(**inputs, logits_to_keep=positions).logits
+    return model(**inputs).logits[:, positions]
