@@ -30,6 +30,10 @@ _LAZY = {
     "load_study": "editkit.runs:load_study",
     "describe_model": "editkit.modelinfo:describe_model",
     "first_significant_drop": "editkit.paired:first_significant_drop",
+    "mcnemar_items": "editkit.power:mcnemar_items",
+    "mcnemar_power": "editkit.power:mcnemar_power",
+    "paired_mean_items": "editkit.power:paired_mean_items",
+    "discordance": "editkit.power:discordance",
 }
 
 __all__ = sorted(_LAZY)

@@ -124,13 +124,16 @@ def _run(args: argparse.Namespace) -> int:
         return 3
     out = Path(config.results_dir)
     if not args.no_charts and len(result.scores):
-        from .viz import delta_curves, edit_quality_curves, save_chart, score_curves
+        from .viz import edit_quality_curves, save_chart, score_curves
+        from .viz_instruments import delta_curves, health_curves
 
         save_chart(score_curves(result.scores), out / "score_curves")
         if len(result.edit_quality):
             save_chart(edit_quality_curves(result.edit_quality), out / "edit_quality_curves")
         if len(result.deltas):
             save_chart(delta_curves(result.deltas), out / "delta_curves")
+        if len(result.health):
+            save_chart(health_curves(result.health), out / "health_curves")
     logging.getLogger("editkit").info("results in %s", out)
     return 0
 

@@ -12,6 +12,12 @@ Overrides:
 * ``editor_overrides: {method: {hyperparameter: value}}`` applies to every model;
 * ``model_overrides: {model: {dtype, device, family, instruct, n_params, n_layers,
   editor_overrides: {method: {...}}}}`` applies to one model, over the above.
+
+Health (:mod:`editkit.health`): with ``health: true`` (the default) every checkpoint also
+records held-out perplexity (``heldout_chunks`` chunks of ``heldout_source``) and the
+changed weights' statistics. ``health_alarm: {max_ppl_ratio: 100}`` (any field of
+:class:`editkit.health.HealthAlarm`) stops a cell at the first checkpoint that crosses a
+threshold; the stop is saved as a collapse with its reason.
 """
 
 from __future__ import annotations
@@ -19,15 +25,28 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from dataclasses import dataclass, field, fields
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from .config import Params, check_keys
 from .modelinfo import INFO_FIELDS
 
-__all__ = ["StudyConfig", "Cell", "DEFAULT_CHECKPOINTS", "DEFAULT_MODEL_NAME"]
+if TYPE_CHECKING:
+    from .health import HealthAlarm
+
+__all__ = ["StudyConfig", "Cell", "DEFAULT_CHECKPOINTS", "DEFAULT_MODEL_NAME", "DEFAULT_TASKS", "PANEL_LIMITS"]
 
 DEFAULT_CHECKPOINTS = (0, 1, 5, 10, 20, 50, 100, 200, 500, 1000)
+# The default panel: the packaged tasks on which the embedded model scores well above
+# chance (README, "A default panel with headroom"), with item counts from a power
+# calculation (editkit.power): 350 cloze-CommonsenseQA items detect a 5-point paired
+# accuracy drop with 80% power by editkit's exact McNemar test when up to 10% of the
+# items change (mcnemar_items(0.05, 0.10) = 312, plus 10% for the exact test's
+# conservatism). Cloze MMLU costs about 6x more per item and sits closer to chance; its
+# 114 items (two per subject) are read through the paired log-likelihood change.
+PANEL_LIMITS = {"commonsense_qa_cloze": 350, "mmlu_cloze": 114}
+DEFAULT_TASKS = tuple(PANEL_LIMITS)
+AUTO_LIMIT = 57  # ``limit: auto`` for a task outside the panel: one MMLU item per subject
 DEFAULT_MODEL_NAME = "smollm2-135m-instruct"
 _MODEL_OVERRIDE_KEYS = ("dtype", "device", "editor_overrides", *INFO_FIELDS)
 # Fields that define what a cell measures. n_edits and checkpoints are left out on purpose:
@@ -65,8 +84,8 @@ class StudyConfig(Params):
     split: str | None = None
     n_edits: int = 10
     checkpoints: tuple[int, ...] = ()
-    tasks: tuple[str, ...] = ("mmlu_cloze", "mmlu", "gsm8k")
-    limit: int | None = 57
+    tasks: tuple[str, ...] = DEFAULT_TASKS
+    limit: int | Literal["auto"] | None = "auto"
     task_limits: Any = None
     max_new_tokens: int = 256
     shuffle_seed: int | None = None
@@ -74,6 +93,10 @@ class StudyConfig(Params):
     device: str = "cpu"
     dtype: str = "float32"
     n_generation_examples: int = 3
+    health: bool = True
+    heldout_source: Literal["packaged", "wikitext"] = "packaged"
+    heldout_chunks: int = 32
+    health_alarm: Any = None
     results_dir: str = "results/study"
 
     def __post_init__(self) -> None:
@@ -138,8 +161,27 @@ class StudyConfig(Params):
         for task in self.task_limits or {}:
             if task not in self.tasks:
                 raise ValueError(f"task_limits names {task!r}, which is not in tasks {self.tasks}")
-        if self.limit is not None and self.limit < 1 or self.batch_size < 1 or self.max_new_tokens < 1:
+        if isinstance(self.limit, int) and self.limit < 1 or self.batch_size < 1 or self.max_new_tokens < 1:
             raise ValueError("limit, batch_size and max_new_tokens must be positive")
+        if self.heldout_chunks < 1:
+            raise ValueError(f"heldout_chunks must be positive, got {self.heldout_chunks}")
+        if self.health_alarm is not None and not self.health:
+            raise ValueError("health_alarm needs health: true (the alarm reads the health measurements)")
+        self.alarm()  # an unknown threshold or a bad value raises here
+
+    def alarm(self) -> HealthAlarm | None:
+        """The :class:`~editkit.health.HealthAlarm` of ``health_alarm`` (None: never stop a cell early)."""
+        from .health import HealthAlarm
+
+        if self.health_alarm is None:
+            return None
+        if not isinstance(self.health_alarm, Mapping):
+            raise ValueError(f"health_alarm must be a mapping such as {{max_ppl_ratio: 100}}, "
+                             f"got {type(self.health_alarm).__name__}")
+        known = [f.name for f in fields(HealthAlarm)]
+        check_keys(self.health_alarm, known, "health_alarm")
+        # Thresholds not named are off: the alarm checks only what the study asks for.
+        return HealthAlarm(**{name: self.health_alarm.get(name) for name in known})
 
     @classmethod
     def from_parameters(cls, namespace: Mapping[str, Any], where: str = "notebook parameters") -> StudyConfig:
@@ -180,7 +222,12 @@ class StudyConfig(Params):
         return sorted(points | {self.n_edits})
 
     def task_limit(self, task: str) -> int | None:
-        return (self.task_limits or {}).get(task, self.limit)
+        """Items of ``task``: its ``task_limits`` entry, else ``limit`` (``auto``: :data:`PANEL_LIMITS`, else 57)."""
+        if task in (self.task_limits or {}):
+            return self.task_limits[task]
+        if self.limit == "auto":
+            return PANEL_LIMITS.get(task, AUTO_LIMIT)
+        return self.limit
 
     def cells(self) -> list[Cell]:
         """Every point of the grid, model-major so that one model serves consecutive cells."""
@@ -252,12 +299,30 @@ class Cell:
             identity["shuffle_edits"] = True
         if study.invalid_records == "skip":  # which records are edited changes
             identity["invalid_records"] = "skip"
+        # Health settings enter only when they differ from the defaults, so runs from before
+        # health existed keep their folders (and gain health rows at new checkpoints).
+        if not study.health:
+            identity["health"] = False
+        if study.heldout_source != "packaged" or study.heldout_chunks != 32:
+            identity["heldout"] = [study.heldout_source, study.heldout_chunks]
+        if study.health_alarm is not None:  # an alarm changes where the run stops
+            identity["health_alarm"] = dict(study.health_alarm)
         return identity
 
     def run_id(self, editor_params_digest: str) -> str:
         """``<method>-<digest>``: the digest covers everything but n_edits and checkpoints."""
         payload = json.dumps([self.method, editor_params_digest, self.identity()], sort_keys=True, default=list)
         return f"{self.method}-{hashlib.sha256(payload.encode()).hexdigest()[:10]}"
+
+    def unedited_key(self) -> str:
+        """What the cell's checkpoint 0 depends on: equal keys mean identical unedited measurements.
+
+        Everything of :meth:`identity` but the batch size (no edit is applied at 0), and the
+        device. The method and its hyperparameters are not part of it.
+        """
+        identity = {k: v for k, v in self.identity().items() if k != "edit_batch_size"}
+        payload = json.dumps([identity, self.device], sort_keys=True, default=list)
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
     def checkpoints(self) -> list[int]:
         return self.study.checkpoint_list(self.edit_batch_size)

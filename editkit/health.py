@@ -40,7 +40,7 @@ if TYPE_CHECKING:
 
 # The held-out text's names are re-exported: health.heldout_texts() is where users look.
 __all__ = ["HELDOUT_FILE", "HELDOUT_SHA256", "heldout_paragraphs", "heldout_texts", "chunk_paragraphs",
-           "PerplexityResult", "score_texts", "perplexity", "snapshot_parameters", "weight_health",
+           "PerplexityResult", "score_texts", "perplexity", "heldout_interval", "snapshot_parameters", "weight_health",
            "HealthReport", "measure_health", "health_rows", "HealthAlarm"]
 
 log = logging.getLogger(__name__)
@@ -213,9 +213,36 @@ def _max(values: Sequence[float]) -> float:
     return float(np.max(values)) if len(values) else math.nan
 
 
+def heldout_interval(heldout: PerplexityResult, baseline: PerplexityResult | None = None, *, n_boot: int = 1000,
+                     seed: int = 0, level: float = 0.95) -> tuple[float, float]:
+    """Bootstrap interval of the held-out perplexity, or of its ratio to ``baseline`` (paired).
+
+    Texts are resampled with replacement, and each resample's perplexity is
+    ``exp(sum of its NLL / sum of its tokens)``, so long texts weigh as much as their
+    tokens do. With ``baseline`` (the unedited model on the same texts) the same
+    resample is drawn for both and the interval is that of the ratio: the texts'
+    difficulty cancels, as in every paired comparison of editkit. NaN when a value is
+    not finite.
+    """
+    tokens = np.asarray(heldout.text_tokens, dtype=float)
+    nll = np.asarray(heldout.text_nll, dtype=float) * tokens
+    if baseline is not None:
+        if len(baseline.text_nll) != len(heldout.text_nll) or baseline.text_tokens != heldout.text_tokens:
+            raise ValueError("the baseline was scored on other texts: a paired interval needs the same texts")
+        nll = nll - np.asarray(baseline.text_nll, dtype=float) * tokens
+    if not np.isfinite(nll).all() or not tokens.sum():
+        return math.nan, math.nan
+    rng = np.random.default_rng([seed, len(tokens)])
+    picks = rng.integers(0, len(tokens), size=(n_boot, len(tokens)))
+    with np.errstate(over="ignore"):
+        values = np.exp(nll[picks].sum(axis=1) / tokens[picks].sum(axis=1))
+    low, high = np.quantile(values, [(1 - level) / 2, (1 + level) / 2])
+    return float(low), float(high)
+
+
 def health_rows(heldout: PerplexityResult | None = None, weights: Sequence[Mapping[str, Any]] = (),
-                baseline_ppl: float | None = None) -> list[dict[str, Any]]:
-    """Tidy rows (``metric``, ``value``, ``parameter``) of one checkpoint's health.
+                baseline_ppl: float | PerplexityResult | None = None) -> list[dict[str, Any]]:
+    """Tidy rows (``metric``, ``value``, ``parameter``, ``ci_low``, ``ci_high``) of one checkpoint's health.
 
     Summary rows have ``parameter`` None: ``heldout_ppl``, ``heldout_nll`` (mean per token),
     ``heldout_nonfinite`` (1.0 when the outputs were not finite), ``heldout_ppl_baseline``
@@ -223,25 +250,34 @@ def health_rows(heldout: PerplexityResult | None = None, weights: Sequence[Mappi
     ``max_rel_norm_growth``, ``mean_rel_norm_growth``, ``max_spectral_ratio`` (0, 0 and 1
     when nothing changed) and ``max_condition_number`` (NaN when nothing changed). Then one
     row per parameter and statistic of ``weights`` (:func:`weight_health`), metric named
-    as its key. Maxima propagate NaN.
+    as its key. Maxima propagate NaN. ``heldout_ppl`` carries its 95% bootstrap interval
+    over texts, and ``heldout_ppl_ratio`` too when ``baseline_ppl`` is the unedited model's
+    :class:`PerplexityResult` on the same texts (a paired interval,
+    :func:`heldout_interval`); every other row's interval is NaN (a single measurement).
 
     Raises:
         ValueError: ``baseline_ppl`` is not a positive finite number.
     """
     rows: list[dict[str, Any]] = []
 
-    def add(metric: str, value: float, parameter: str | None = None) -> None:
-        rows.append({"metric": metric, "value": float(value), "parameter": parameter})
+    def add(metric: str, value: float, parameter: str | None = None,
+            interval: tuple[float, float] = (math.nan, math.nan)) -> None:
+        rows.append({"metric": metric, "value": float(value), "parameter": parameter,
+                     "ci_low": interval[0], "ci_high": interval[1]})
 
+    baseline = baseline_ppl if isinstance(baseline_ppl, PerplexityResult) else None
+    if baseline is not None:
+        baseline_ppl = baseline.perplexity
     if heldout is not None:
-        add("heldout_ppl", heldout.perplexity)
+        add("heldout_ppl", heldout.perplexity, interval=heldout_interval(heldout))
         add("heldout_nll", heldout.nll / heldout.n_tokens)
         add("heldout_nonfinite", 0.0 if heldout.finite else 1.0)
         if baseline_ppl is not None:
             if not (math.isfinite(baseline_ppl) and baseline_ppl > 0):
                 raise ValueError(f"baseline_ppl must be a positive finite number, got {baseline_ppl}")
             add("heldout_ppl_baseline", baseline_ppl)
-            add("heldout_ppl_ratio", heldout.perplexity / baseline_ppl)
+            paired = heldout_interval(heldout, baseline) if baseline is not None else (math.nan, math.nan)
+            add("heldout_ppl_ratio", heldout.perplexity / baseline_ppl, interval=paired)
     matrices = [w for w in weights if w["matrix"]]
     add("n_changed_parameters", len(weights))
     growth = [w["rel_norm_growth"] for w in weights]

@@ -1,11 +1,12 @@
 """Read a whole results root back as tidy frames, one column per grid axis.
 
 :func:`load_results` walks every cell folder under a root (see :mod:`editkit.store`)
-and returns :class:`Results`: ``scores``, ``items``, ``edit_quality``, ``generations``
-and ``checkpoints``, each with the columns ``run_id``, ``model``, ``method``,
-``dataset``, ``seed``, ``edit_batch_size`` and ``n_edits``; and ``models``, one row of
-metadata per model (family, parameter count, instruct or base, layers), to join on
-``model`` (:meth:`Results.with_models`). :attr:`Results.deltas` pairs every edited
+and returns :class:`Results`: ``scores``, ``items``, ``edit_quality``, ``generations``,
+``health`` (held-out perplexity and weight statistics, :mod:`editkit.health`; one row
+per ``metric``, with ``parameter`` set on per-matrix rows) and ``checkpoints``, each with
+the columns ``run_id``, ``model``, ``method``, ``dataset``, ``seed``, ``edit_batch_size``
+and ``n_edits``; and ``models``, one row of metadata per model (family, parameter count,
+instruct or base, layers), to join on ``model`` (:meth:`Results.with_models`). :attr:`Results.deltas` pairs every edited
 checkpoint's items with its unedited model's (:func:`editkit.paired.deltas`): the mean
 change per task of the gold log-likelihood, the gold's probability share and accuracy,
 with paired intervals and p-values.
@@ -52,6 +53,7 @@ class Results:
     edit_quality: pd.DataFrame
     generations: pd.DataFrame
     checkpoints: pd.DataFrame
+    health: pd.DataFrame = field(default_factory=pd.DataFrame)
     items: pd.DataFrame = field(default_factory=pd.DataFrame)
     models: pd.DataFrame = field(default_factory=pd.DataFrame)
     problems: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=PROBLEM_COLUMNS))

@@ -8,8 +8,18 @@ evaluated for the interrupted checkpoint are read back from its journal when the
 replayed model is bit-identical (a digest of the edited weights and editor state is
 part of the journal key; otherwise they are evaluated again).
 
-NaN or Inf in edited weights or in the model's outputs is recorded as a collapse at
-that checkpoint (and every later one), not raised.
+NaN or Inf in edited weights or in the model's outputs (benchmark items or held-out
+text) is recorded as a collapse at that checkpoint (and every later one), not raised.
+
+Health (:mod:`editkit.health`, on unless the study sets ``health: false``): the unedited
+model's held-out perplexity is measured once at the start of every run (it is the
+baseline of ``heldout_ppl_ratio``), then at every checkpoint, before the benchmarks,
+the held-out perplexity and the statistics of every parameter changed so far against its
+unedited value. When the study's ``health_alarm`` fires, the checkpoint is saved as a
+collapse whose reason names the threshold, with its health rows; its benchmarks are not
+run, and the cell stops there. The held-out score runs ``lm.model`` directly: a routing
+editor that acts only inside the engine (SERAC) does not route it; hook-based ones
+(GRACE) do act on it.
 """
 
 from __future__ import annotations
@@ -30,12 +40,19 @@ from tqdm.auto import tqdm
 from .benchmarks.engine import Engine
 from .datasets import data_checksums, load_edit_requests
 from .edit_metrics import edit_quality, locality_reference
-from .locks import CellLock
 from .editing import EditCollapseError, EditSession
 from .editors import get_editor
+from .health import (
+    PerplexityResult,
+    health_rows,
+    heldout_texts,
+    score_texts,
+    weight_health,
+)
+from .locks import CellLock
 from .modelinfo import describe_model
 from .protocol import CheckpointProtocol, nonfinite_outputs
-from .store import RunStore, state_digest
+from .store import ResultsFileError, RunStore, read_json, state_digest
 from .types import EditRequest
 
 if TYPE_CHECKING:
@@ -62,17 +79,56 @@ class SequentialRun:
                                            n_generation_examples=cell.study.n_generation_examples)
         self.position = 0  # number of edits applied to the model right now
         self.collapse: str | None = None
+        study = cell.study
+        self.heldout = heldout_texts(study.heldout_source, study.heldout_chunks) if study.health else None
+        self.alarm = study.alarm()
+        self.baseline: PerplexityResult | None = None
+
+    def _check_unedited(self, what: str) -> None:
+        if self.position or self.session.touched:
+            raise RuntimeError(f"{what} must be computed on the unedited model")
 
     def reference(self) -> list:
-        """Unedited locality answers for every request, computed before any edit is loaded."""
+        """Unedited locality answers for every request, computed before any edit is loaded.
+
+        References saved before generation-based edit success existed lack the unedited
+        continuations; those are added (on the unedited model) and saved.
+        """
         stored = self.store.read_reference()
+        changed = False
         if len(stored) < len(self.requests):
-            if self.position or self.session.touched:
-                raise RuntimeError("locality references must be computed on the unedited model")
+            self._check_unedited("locality references")
             stored = stored + locality_reference(self.engine, self.requests[len(stored):])
+            changed = True
+        stale = [i for i, per_request in enumerate(stored[:len(self.requests)])
+                 if any(r is not None and "generation" not in r for r in per_request)]
+        if stale:
+            self._check_unedited("locality references")
+            fresh = locality_reference(self.engine, [self.requests[i] for i in stale])
+            for i, per_request in zip(stale, fresh):
+                for old, new in zip(stored[i], per_request):
+                    if old is not None and new is not None:
+                        old["generation"] = new["generation"]
+            changed = True
+        if changed:
             self.store.write_reference(stored)
-        return [[None if r is None else {"greedy": tuple(r["greedy"]), "prefers_answer": r["prefers_answer"]}
-                 for r in per_request] for per_request in stored[:len(self.requests)]]
+        return [[None if r is None else {**r, "greedy": tuple(r["greedy"])} for r in per_request]
+                for per_request in stored[:len(self.requests)]]
+
+    def measure_baseline(self) -> None:
+        """The unedited model's held-out perplexity, the baseline of every checkpoint's ratio."""
+        if self.heldout is None:
+            return
+        self._check_unedited("the held-out baseline")
+        self.baseline = score_texts(self.lm, self.heldout, batch_size=self.cell.study.batch_size)
+        if not self.baseline.finite:
+            raise RuntimeError(f"the unedited {self.lm.name} gives non-finite held-out log-likelihoods")
+
+    def health(self) -> list[dict[str, Any]]:
+        """:func:`~editkit.health.health_rows` of the model as it is now: held-out perplexity, changed weights."""
+        heldout = score_texts(self.lm, self.heldout, batch_size=self.cell.study.batch_size)
+        weights = weight_health(self.lm, self.session.pristine) if self.session.touched else []
+        return health_rows(heldout, weights, self.baseline)
 
     def state_digest(self) -> str:
         return state_digest(self.session.edited_state(), self.editor.state_dict())
@@ -123,6 +179,18 @@ class SequentialRun:
         edit_seconds = time.perf_counter() - edit_started
         eval_started = time.perf_counter()
         frames: dict[str, pd.DataFrame] = {}
+        health = None
+        if self.collapse is None and self.heldout is not None:
+            rows = self.health()  # checked as rows: in a frame the summary rows' parameter would be NaN
+            health = pd.DataFrame(rows, columns=["metric", "value", "parameter", "ci_low", "ci_high"])
+            nonfinite = any(r["metric"] == "heldout_nonfinite" and r["value"] == 1.0 for r in rows)
+            reason = self.alarm.check(rows) if self.alarm is not None else None
+            if nonfinite:
+                self.collapse = f"non-finite model outputs on held-out text at {n} edits"
+            elif reason:
+                self.collapse = f"health alarm at {n} edits: {reason}"
+            if self.collapse:
+                log.warning("run %s: %s", self.run_id, self.collapse)
         if self.collapse is None:
             # The key ties the item journal to this exact model state: a replay that differs starts over.
             key = f"{self.lm.name} after {n} edits of {self.run_id}, state {self.state_digest()}"
@@ -134,6 +202,8 @@ class SequentialRun:
                 log.warning("run %s: %s", self.run_id, self.collapse)
         if self.collapse is not None:
             frames = {"scores": self.protocol.collapsed_scores()}
+        if health is not None:  # also at the checkpoint that raised the alarm: it shows why
+            frames["health"] = health
         frames["edits"] = latest
         eval_seconds = time.perf_counter() - eval_started
         # Every attempt at this checkpoint, also those a kill cut short (their timings are unknown).
@@ -185,7 +255,7 @@ def run_cell(cell: Cell, lm: LoadedModel, results_dir: str | Path, *, progress: 
             {"run_id": run_id, "study_digest": study.digest(), "editor": cell.method,
              "editor_params_digest": editor.params.digest(), "model": lm.name, "model_source": lm.source,
              "model_info": info.to_dict(), "axes": cell.axes(), "device": str(lm.device),
-             "data_checksums": data_checksums(cell.dataset, cell.split()),
+             "data_checksums": data_checksums(cell.dataset, cell.split()), "unedited_key": cell.unedited_key(),
              "case_ids": [request.case_id for request in requests]})
         _clear_leftovers(store)
         run = SequentialRun(cell, lm, editor, requests, store, run_id, progress)
@@ -200,6 +270,34 @@ def _clear_leftovers(store: RunStore) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _adopt_unedited(run: SequentialRun) -> bool:
+    """Copy checkpoint 0 from a cell of the same root with the same unedited key; whether one was found.
+
+    Checkpoint 0 measures the unedited model, so cells that differ only in method (or
+    edit batch size) share it: the first cell computes it, the others copy its verified
+    files (the copy's meta names ``copied_from``). This holds for every editor, routing
+    ones included: at 0 edits none has changed anything.
+    """
+    key = run.cell.unedited_key()
+    for folder in sorted(run.store.folder.parent.iterdir()):
+        if folder == run.store.folder or not (folder / "manifest.json").is_file():
+            continue
+        try:
+            manifest = read_json(folder / "manifest.json", "")
+        except ResultsFileError:
+            continue
+        source = RunStore(folder)
+        if manifest.get("unedited_key") != key or 0 not in source.present() or source.problems(0):
+            continue
+        meta = {"run_id": run.run_id, **run.cell.axes(), "copied_from": folder.name, "eval_seconds": 0.0,
+                "attempts": [{"started": time.strftime("%Y-%m-%dT%H:%M:%S"), "host": socket.gethostname(),
+                              "pid": os.getpid(), "finished": True, "copied_from": folder.name}]}
+        run.store.copy_checkpoint(source, 0, meta)
+        log.info("run %s: checkpoint 0 (the unedited model) copied from %s", run.run_id, folder.name)
+        return True
+    return False
+
+
 def _run_checkpoints(run: SequentialRun, on_checkpoint: Callable[[int, str], None] | None) -> None:
     """Verify what is saved, then compute every missing checkpoint of ``run``'s cell in order."""
     cell, store = run.cell, run.store
@@ -211,7 +309,13 @@ def _run_checkpoints(run: SequentialRun, on_checkpoint: Callable[[int, str], Non
         else:
             finished.append(n)
     reference = run.reference()
+    if 0 in cell.checkpoints() and 0 not in finished and _adopt_unedited(run):
+        finished.append(0)
+        if on_checkpoint is not None:
+            on_checkpoint(0, run.run_id)
     todo = [n for n in cell.checkpoints() if n not in finished]
+    if todo:
+        run.measure_baseline()
     bar = tqdm(total=cell.study.n_edits, desc=f"{cell.model} · {cell.method} edits", disable=not run.progress,
                unit="edit")
     try:

@@ -13,6 +13,8 @@ A results root holds one folder per cell, ``<root>/<method>-<digest>/``::
                                       "retention" (every edit so far, on the current model)
         edits.parquet                 per-edit immediate quality, timings and losses
         generations.parquet           greedy continuations of fixed probe prompts
+        health.parquet                held-out perplexity and changed-weight statistics
+                                      (:mod:`editkit.health`; absent when health is off)
         state.safetensors             every parameter the run has changed, as of n edits
         editor_state.pt               editor state beyond weights (templates, caches)
         files.sha256.json             SHA-256 of every file above, written last
@@ -48,6 +50,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import torch
@@ -63,13 +66,14 @@ log = logging.getLogger(__name__)
 CHECKSUMS = "files.sha256.json"
 
 # The tidy frames every store yields, and the grid axes each frame carries.
-FRAMES = ("scores", "items", "edit_quality", "generations", "checkpoints")
+FRAMES = ("scores", "items", "edit_quality", "generations", "health", "checkpoints")
 AXES = ("model", "method", "dataset", "seed", "edit_batch_size")
 EMPTY_COLUMNS = {
     "scores": ("task", "metric", "value", "ci_low", "ci_high", "n", "status"),
     "items": ("task",),
     "edit_quality": ("scope", "metric", "convention", "value", "ci_low", "ci_high", "n"),
     "generations": ("prompt", "output"),
+    "health": ("metric", "value", "parameter", "ci_low", "ci_high"),
     "checkpoints": ("status", "reason", "edit_seconds", "eval_seconds"),
 }
 
@@ -99,6 +103,12 @@ def write_items(frame: pd.DataFrame, path: Path) -> None:
     for column in ("target", "prediction", "prediction_norm", "prediction_flexible"):
         if column in frame:  # index for choice tasks, text for generation: store as text
             frame[column] = frame[column].map(lambda v: None if v is None else str(v))
+    if "correct" in frame and frame["correct"].dtype == object:
+        values = [v for v in frame["correct"] if v is not None]
+        if any(not isinstance(v, (bool, np.bool_)) for v in values):
+            # Graded tasks (TruthfulQA MC2) score in [0, 1], others True/False: beside a graded
+            # score a boolean is stored as 1.0 or 0.0, so one frame can hold every task.
+            frame["correct"] = frame["correct"].map(lambda v: None if v is None else float(v))
     frame.to_parquet(path, index=False)
 
 
@@ -279,6 +289,29 @@ class RunStore:
             digests = {p.name: sha256_file(p) for p in sorted(tmp.iterdir())}
             (tmp / CHECKSUMS).write_text(json.dumps(digests, indent=2, sort_keys=True))
             if final.exists():  # a verified-bad folder is set aside before; anything here is a leftover
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        shutil.rmtree(self.partial_dir(n), ignore_errors=True)
+
+    def copy_checkpoint(self, source: RunStore, n: int, meta: dict[str, Any]) -> None:
+        """Checkpoint ``n`` of ``source`` (verified) as this cell's, with ``meta`` over its meta.json.
+
+        Written like :meth:`save_checkpoint`: under a temporary name, checksummed, renamed.
+        """
+        origin = source.checkpoint_dir(n)
+        final = self.checkpoint_dir(n)
+        tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+        tmp.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            shutil.copytree(origin, tmp, ignore=shutil.ignore_patterns(CHECKSUMS, "meta.json"))
+            merged = {**read_json(origin / "meta.json", ""), **meta}
+            (tmp / "meta.json").write_text(json.dumps(merged, indent=2, sort_keys=True, default=str))
+            digests = {p.name: sha256_file(p) for p in sorted(tmp.iterdir())}
+            (tmp / CHECKSUMS).write_text(json.dumps(digests, indent=2, sort_keys=True))
+            if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
         except BaseException:

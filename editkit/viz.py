@@ -24,20 +24,31 @@ from pathlib import Path
 import altair as alt
 import pandas as pd
 
-__all__ = ["CHANCE_LEVELS", "NON_SCORE_METRICS", "curves", "score_curves", "edit_quality_curves", "delta_curves",
-           "save_chart"]
+# The instruments' charts (paired changes, health) are in :mod:`editkit.viz_instruments`.
+__all__ = ["CHANCE_LEVELS", "NON_SCORE_METRICS", "curves", "score_curves", "edit_quality_curves", "save_chart"]
 
 # Accuracy of uniform guessing, by task. MMLU has four options in both the cloze
 # (likelihood) and the lettered (generation) formats; GSM8K has no chance level.
+# TruthfulQA: the mean over the 817 packaged questions of 1/choices (MC1) and of the
+# share of true answers among the choices (MC2, the probability mass a uniform model
+# puts on them); tests/test_viz.py recomputes both from the data.
 CHANCE_LEVELS: dict[str, float] = {
     "mmlu": 0.25,
     "mmlu_cloze": 0.25,
     "commonsenseqa": 0.2,
+    "commonsense_qa": 0.2,
+    "commonsense_qa_cloze": 0.2,
+    "commonsense_qa_gen": 0.2,
+    "truthfulqa_mc1": 0.2261,
+    "truthfulqa_mc2": 0.4484,
     "toxigen": 0.5,
 }
 
 # Metrics that are rates of failure rather than scores: no chance level applies.
 NON_SCORE_METRICS = frozenset({"unusable_rate", "format_failure_rate", "nonfinite_rate", "constant_answer_share"})
+
+# editkit.edit_metrics.CONVENTIONS, in display order (not imported: that module loads torch).
+_CONVENTION_ORDER = ("prob", "token", "gen")
 
 _COLLAPSE_COLOR = "#d62728"
 _PANEL_WIDTH = 220
@@ -293,7 +304,8 @@ def edit_quality_curves(edit_quality: pd.DataFrame, convention: str | None = Non
     * **One run** (one method on one model): colour is the metric; rows are the
       scope (``latest`` = the edits of the last step, ``retention`` = every edit
       so far) and columns the scoring convention (``prob`` = P(new) > P(true),
-      ``token`` = teacher-forced token accuracy).
+      ``token`` = teacher-forced token accuracy, ``gen`` = the greedy
+      generation contains the target; see :mod:`editkit.edit_metrics`).
     * **Several runs**: colour is the method (``model · method`` when several
       models are drawn), so curves of ten editors stay apart; rows are the
       metric and columns the scope, for one convention.
@@ -301,7 +313,7 @@ def edit_quality_curves(edit_quality: pd.DataFrame, convention: str | None = Non
     Args:
         edit_quality: ``Results.edit_quality`` (run_id, model, method, n_edits,
             scope, metric, convention, value, ci_low, ci_high, n).
-        convention: draw only this convention. Default: both for one run,
+        convention: draw only this convention. Default: every one for one run,
             ``"prob"`` (the study's) for several.
 
     Raises:
@@ -332,49 +344,10 @@ def edit_quality_curves(edit_quality: pd.DataFrame, convention: str | None = Non
                     "retention: every edit so far · band: 95% CI")
     else:
         options = {"color": "metric", "color_order": metrics, "row": "scope", "row_order": ["latest", "retention"],
-                   "column": "convention", "column_order": ["prob", "token"]}
+                   "column": "convention", "column_order": _ordered(frame["convention"], _CONVENTION_ORDER)}
         subtitle = "latest: the edits of the last step · retention: every edit so far · band: 95% CI"
     return curves(frame, y_title="rate", y_domain=(0, 1), band_opacity=0.15, tooltip=("scope", "convention", "n"),
                   title="Edit quality vs number of sequential edits", subtitle=subtitle, **options)
-
-
-_DELTA_TITLES = {"acc": "Δ accuracy", "loglik": "Δ log-likelihood of the gold answer",
-                 "prob": "Δ probability share of the gold answer"}
-
-
-def delta_curves(deltas: pd.DataFrame, metric: str = "acc", tasks: Sequence[str] | None = None, columns: int = 3,
-                 *, color: str = "method", dash: str | None = None) -> alt.FacetChart:
-    """Paired change against the unedited model vs the number of edits, one panel per task.
-
-    Args:
-        deltas: ``Results.deltas`` (:func:`editkit.paired.deltas`).
-        metric: ``"acc"``, ``"loglik"`` or ``"prob"``.
-        tasks: tasks to draw, in panel order (default: all).
-        columns: panels per row.
-        color, dash: as in :func:`curves`; dashed by model when there are several.
-
-    Returns:
-        Lines of the mean change with its 95% paired bootstrap interval as a band and a
-        dashed rule at 0 (no change) in every panel.
-
-    Raises:
-        ValueError: no rows of ``metric`` (and ``tasks``) to draw.
-    """
-    frame = deltas[deltas["metric"] == metric]
-    if tasks is not None:
-        frame = frame[frame["task"].isin(tasks)]
-    if frame.empty:
-        raise ValueError(f"no delta rows to draw for metric={metric!r} tasks={tasks!r}")
-    frame = frame.rename(columns={"delta": "value"}).assign(chance=0.0)  # the rule: no change
-    frame = frame.sort_values(["task", "run_id", "n_edits"]).reset_index(drop=True)
-    if dash is None and color != "model" and frame["model"].nunique() > 1:
-        dash = "model"
-    chart = curves(frame, color=color, dash=dash, facet="task", facet_order=_ordered(frame["task"], tasks),
-                   columns=columns, y_title=_DELTA_TITLES.get(metric, f"Δ {metric}"), rule_title="no change",
-                   tooltip=("task", "metric", "p_value", "n_items", "n_excluded"),
-                   title="Change against the unedited model, on the same items",
-                   subtitle="band: 95% paired bootstrap CI · dashed: no change")
-    return chart.resolve_scale(y="independent")
 
 
 def save_chart(chart: alt.TopLevelMixin, path_stem: str | Path, scale_factor: float = 2.0) -> list[Path]:

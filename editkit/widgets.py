@@ -27,6 +27,8 @@ __all__ = [
 ]
 
 _METRIC_ORDER = ("reliability", "generalization", "locality")
+# editkit.edit_metrics.CONVENTIONS (not imported: that module loads torch).
+_CONVENTION_ORDER = ("prob", "token", "gen")
 
 
 def run_label(checkpoints: pd.DataFrame, run_id: str) -> str:
@@ -72,6 +74,8 @@ def edit_quality_at(edit_quality: pd.DataFrame, run_id: str, n_edits: int) -> pd
         return pd.DataFrame()
     table = rows.pivot_table(index=["scope", "metric"], columns="convention", values="value", aggfunc="first")
     table.columns.name = None
+    present = list(table.columns)
+    table = table[[c for c in _CONVENTION_ORDER if c in present] + [c for c in present if c not in _CONVENTION_ORDER]]
     table = table.reset_index()
     order = {name: i for i, name in enumerate(_METRIC_ORDER)}
     table["_order"] = table["metric"].map(order).fillna(len(order))

@@ -1,6 +1,6 @@
 """Single-edit quality of an editor over the first N edit records (restored between edits).
 
-Reports reliability, generalisation and locality in both conventions, and edit latency,
+Reports reliability, generalisation and locality in every convention (prob, token, gen), and edit latency,
 for each candidate layer. Used to choose ROME's layer for the offline models::
 
     python scripts/edit_sweep.py --editor rome --layers 2 4 8 12 --n 10

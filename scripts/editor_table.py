@@ -14,21 +14,29 @@ from pathlib import Path
 
 import pandas as pd
 
+from editkit.edit_metrics import CONVENTIONS
 from editkit.results import load_results
 
 QUALITY = ("reliability", "generalization", "locality")
 
 
+def _mean_cell(frame: pd.DataFrame, column: str) -> str:
+    """The column's mean to two places; "–" where the column is missing (a sweep saved before it existed) or empty."""
+    mean = frame[column].mean() if column in frame else float("nan")
+    return "–" if pd.isna(mean) else f"{mean:.2f}"
+
+
 def single_edit_table(folder: Path, suffix: str = "_n50.csv") -> str:
-    """One row per editor: mean prob / token scores and seconds per edit."""
+    """One row per editor: mean prob / token / gen scores and seconds per edit."""
     rows = []
     for path in sorted(folder.glob(f"*{suffix}")):
         frame = pd.read_csv(path)
-        cells = [f"{frame[f'{m}_prob'].mean():.2f} / {frame[f'{m}_token'].mean():.2f}" for m in QUALITY]
+        cells = [" / ".join(_mean_cell(frame, f"{m}_{c}") for c in CONVENTIONS) for m in QUALITY]
         rows.append(f"| `{path.name[:-len(suffix)]}` | {len(frame)} | " + " | ".join(cells)
                     + f" | {frame['edit_seconds'].mean():.1f} |")
-    header = ("| editor | records | reliability (prob / token) | generalisation (prob / token) "
-              "| locality (prob / token) | s/edit |\n|---|---|---|---|---|---|")
+    spelled = " / ".join(CONVENTIONS)
+    header = (f"| editor | records | reliability ({spelled}) | generalisation ({spelled}) "
+              f"| locality ({spelled}) | s/edit |\n|---|---|---|---|---|---|")
     return "\n".join([header, *rows])
 
 

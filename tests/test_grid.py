@@ -81,7 +81,9 @@ def test_grid_of_two_models_and_two_methods_through_the_cli(tiny_folder, tmp_pat
     monkeypatch.setattr(editkit.models, "load_model", lambda name, **kw: loads.append(name) or real_load(name, **kw))
     assert main(["run", str(study), "--quiet", "--no-charts"]) == 0
     assert loads == ["smollm2-135m-instruct", tiny_folder], "each model loaded once for its two cells"
-    assert sum(calls.values()) == 4 * 2 and set(calls.values()) == {1}
+    # Checkpoint 0 (the unedited model) is measured once per model and copied to its other cell.
+    assert sum(calls.values()) == 2 + 4 and set(calls.values()) == {1}
+    assert sorted(n for _, _, n in calls) == [0, 0, 2, 2, 2, 2]
     results = load_results(tmp_path / "out")
     for frame in (results.scores, results.items, results.edit_quality, results.generations, results.checkpoints):
         for axis in ("run_id", "model", "method", "dataset", "seed", "edit_batch_size", "n_edits"):
@@ -125,7 +127,8 @@ def test_one_cell_at_a_time_and_a_kill_midway(tiny_folder, tmp_path, monkeypatch
     states = {row["cell"]: row["state"] for row in cell_states(config)}
     assert states == {0: "1/2 checkpoints", 1: "done"}
     run_study(config, progress=False)
-    assert sum(calls.values()) == 4 and set(calls.values()) == {1}, f"each checkpoint once: {calls}"
+    # ft measured 0 and 2; rome copied ft's checkpoint 0 (the kill came after the copy) and measured 2.
+    assert sum(calls.values()) == 3 and set(calls.values()) == {1}, f"each checkpoint once: {calls}"
     with pytest.raises(IndexError, match="has 2"):
         run_study(config, progress=False, cells=[2])
 

@@ -203,3 +203,28 @@ def test_packaged_text_matches_the_readme_digest(tmp_path, monkeypatch):
     monkeypatch.setattr(heldout, "data_root", lambda: copy)
     with pytest.raises(resources.ChecksumError, match="heldout"):
         health.heldout_paragraphs()
+
+
+def _result(nll_per_token: list[float], tokens: list[int]) -> health.PerplexityResult:
+    total = sum(n * t for n, t in zip(nll_per_token, tokens))
+    return health.PerplexityResult(math.exp(total / sum(tokens)), total, sum(tokens), tuple(nll_per_token),
+                                   tuple(tokens), 0, True)
+
+
+def test_heldout_interval_covers_the_value_and_pairs_with_the_baseline():
+    base = _result([3.0, 4.0, 5.0, 3.5, 4.5, 2.5], [100, 80, 120, 90, 110, 100])
+    low, high = health.heldout_interval(base)
+    assert low < base.perplexity < high and high / low > 1.5, "texts of unequal difficulty give a wide interval"
+    # Every text 0.1 nats harder: the paired ratio is exp(0.1) on every resample, however hard the texts.
+    shifted = _result([v + 0.1 for v in base.text_nll], list(base.text_tokens))
+    low, high = health.heldout_interval(shifted, base)
+    assert low == pytest.approx(math.exp(0.1), rel=1e-12) and high == pytest.approx(math.exp(0.1), rel=1e-12)
+    rows = {r["metric"]: r for r in health.health_rows(shifted, baseline_ppl=base)}
+    assert rows["heldout_ppl_ratio"]["value"] == pytest.approx(math.exp(0.1))
+    assert rows["heldout_ppl_ratio"]["ci_low"] == pytest.approx(math.exp(0.1))
+    assert rows["heldout_ppl"]["ci_low"] < rows["heldout_ppl"]["value"] < rows["heldout_ppl"]["ci_high"]
+    assert math.isnan(rows["max_rel_norm_growth"]["ci_low"]), "a single measurement has no interval"
+    with pytest.raises(ValueError, match="other texts"):
+        health.heldout_interval(_result([3.0], [10]), base)
+    broken = _result([math.inf] * 6, list(base.text_tokens))
+    assert all(math.isnan(v) for v in health.heldout_interval(broken, base))

@@ -230,7 +230,7 @@ def test_results_deltas_of_a_real_tiny_run(make_tiny, tmp_path, one_torch_thread
 
 def test_delta_curves_draw_every_row_with_band_and_zero_rule():
     pytest.importorskip("altair")
-    from editkit.viz import delta_curves
+    from editkit.viz_instruments import delta_curves
 
     reference = _reference()
     items = pd.concat([reference, _checkpoint(reference, 1, -0.5), _checkpoint(reference, 5, -1.0)])
@@ -239,8 +239,9 @@ def test_delta_curves_draw_every_row_with_band_and_zero_rule():
     spec = delta_curves(frame, metric="loglik").to_dict()
     (data,) = spec["datasets"].values()
     data = pd.DataFrame(data)
-    assert len(data) == 4 and set(data["metric"]) == {"loglik"}
-    assert sorted(data["value"]) == pytest.approx([-1.0, -1.0, -0.5, -0.5])
+    assert len(data) == 6 and set(data["metric"]) == {"loglik"}
+    assert sorted(data["value"]) == pytest.approx([-1.0, -1.0, -0.5, -0.5, 0.0, 0.0])
+    assert (data[data["n_edits"] == 0]["value"] == 0).all(), "each line starts at the unedited model"
     assert spec["facet"]["field"] == "task"
     layers = spec["spec"]["layer"]
     marks = [layer["mark"]["type"] if isinstance(layer["mark"], dict) else layer["mark"] for layer in layers]

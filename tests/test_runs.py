@@ -66,18 +66,23 @@ def test_run_killed_mid_evaluation_keeps_finished_items(make_tiny, tmp_path, mon
     lm = make_tiny("llama")
     reference = run_study(tiny_config(tmp_path / "clean"), progress=False, lm=lm)
     asked: list[tuple[str, int]] = []
+    evaluating: list[str] = []  # the benchmark task being asked, if any
     original_ask = evaluation._ask
 
     def recording_ask(model, task):
         asked.append((task.spec.name, len(task.docs)))
-        return original_ask(model, task)
+        evaluating.append(task.spec.name)
+        try:
+            return original_ask(model, task)
+        finally:
+            evaluating.pop()
 
     monkeypatch.setattr(evaluation, "_ask", recording_ask)
     armed = []
     original_generate = Engine.generate_until
 
     def dies_when_armed(self, requests):
-        if armed:
+        if armed and evaluating:  # a benchmark's generation, not edit quality's (gen convention)
             raise Killed
         return original_generate(self, requests)
 
@@ -133,7 +138,7 @@ def test_results_layout_and_manifest(make_tiny, tmp_path):
     assert (run_dir / "checkpoints" / "000001" / "state.safetensors").exists()
     assert set(result.scores["n_edits"]) == {0, 1}
     assert set(result.edit_quality["scope"]) == {"latest", "retention"}
-    assert set(result.edit_quality["convention"]) == {"prob", "token"}
+    assert set(result.edit_quality["convention"]) == {"prob", "token", "gen"}
     assert (result.checkpoints["status"] == "ok").all()
     assert len(result.generations) == 2  # one probe prompt, before and after
 
@@ -199,3 +204,39 @@ def test_command_line_runs_a_parameters_file(smollm2, tmp_path, capsys):
     assert main(["run", str(config), "--results-dir", str(tmp_path / "out"), "--quiet"]) == 0
     assert (tmp_path / "out" / "score_curves.png").stat().st_size > 0
     assert len(load_study(tmp_path / "out").scores) > 0
+
+
+def test_cells_that_differ_only_in_method_share_the_unedited_checkpoint(make_tiny, tmp_path, monkeypatch):
+    from editkit.results import verify_results
+
+    lm = make_tiny("llama")
+    calls = count_checkpoints(monkeypatch)
+    config = tiny_config(tmp_path, n_edits=1, checkpoints=[0, 1], methods=["rome", "ft"],
+                         editor_overrides={**FAST_ROME, "ft": {"num_steps": 2}})
+    result = run_study(config, progress=False, lm=lm)
+    assert calls == [0, 1, 1], "checkpoint 0 is measured once for both methods"
+    at_zero = result.scores[result.scores["n_edits"] == 0]
+    by_method = {m: frame.drop(columns=["run_id", "method"]).reset_index(drop=True)
+                 for m, frame in at_zero.groupby("method")}
+    pd.testing.assert_frame_equal(by_method["rome"], by_method["ft"])
+    ft_run = result.checkpoints[result.checkpoints["method"] == "ft"]["run_id"].iloc[0]
+    meta = json.loads((tmp_path / ft_run / "checkpoints" / "000000" / "meta.json").read_text())
+    assert meta["copied_from"].startswith("rome-") and meta["run_id"] == ft_run and meta["method"] == "ft"
+    assert verify_results(tmp_path).empty, "the copy is checksummed as its own"
+    # Another item count is another unedited measurement: nothing is copied.
+    calls.clear()
+    run_study(tiny_config(tmp_path, n_edits=1, checkpoints=[0, 1], methods=["ft"], limit=1,
+                          editor_overrides={"ft": {"num_steps": 2}}), progress=False, lm=lm)
+    assert calls == [0, 1]
+
+
+def test_items_of_a_graded_and_a_boolean_task_are_saved_together(tmp_path):
+    from editkit.store import write_items
+
+    frame = pd.DataFrame({"task": ["commonsense_qa_cloze", "truthfulqa_mc2", "gsm8k"],
+                          "correct": [True, 0.25, None]})
+    write_items(frame, tmp_path / "items.parquet")
+    back = pd.read_parquet(tmp_path / "items.parquet")
+    assert back["correct"].iloc[0] == 1.0 and back["correct"].iloc[1] == 0.25 and pd.isna(back["correct"].iloc[2])
+    write_items(pd.DataFrame({"correct": [True, False]}), tmp_path / "bools.parquet")
+    assert pd.read_parquet(tmp_path / "bools.parquet")["correct"].dtype == bool, "boolean tasks stay boolean"

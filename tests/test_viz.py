@@ -284,3 +284,25 @@ def test_one_builder_with_axis_choices(result):
     assert grid["facet"]["row"]["field"] == "method" and grid["facet"]["column"]["field"] == "task"
     with pytest.raises(ValueError, match=r"columns \['family'\]"):
         curves(frame, color="family")
+
+
+def test_gen_convention_is_drawn_and_tabled_after_prob_and_token(result):
+    one = result.edit_quality[result.edit_quality["run_id"] == "run-memit"]
+    gen = one[one["convention"] == "token"].assign(convention="gen")
+    three = pd.concat([gen, one], ignore_index=True)  # "gen" first: the order must not come from the rows
+    spec = edit_quality_curves(three).to_dict()
+    assert spec["facet"]["column"]["sort"] == ["prob", "token", "gen"]
+    quality = edit_quality_at(three, "run-memit", 5)
+    assert list(quality.columns) == ["scope", "metric", "prob", "token", "gen"]
+
+
+def test_truthfulqa_chance_levels_are_those_of_the_packaged_questions():
+    import numpy as np
+
+    from editkit.benchmarks import get_task
+    from editkit.viz import CHANCE_LEVELS
+
+    for name, key in (("truthfulqa_mc1", "mc1_targets"), ("truthfulqa_mc2", "mc2_targets")):
+        task = get_task(name)
+        labels = [doc.fields[key]["labels"] for doc in task.load(task.eval_split)]
+        assert CHANCE_LEVELS[name] == pytest.approx(np.mean([sum(x) / len(x) for x in labels]), abs=1e-4)

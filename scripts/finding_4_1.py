@@ -1,0 +1,175 @@
+"""Finding 4.1 on the offline model: compact tables, a figure and the comparison with the paper.
+
+Reads the sequential runs of ``parameters/01_number_of_edits/finding_4_1_{fast,slow}.yaml``
+(one results root) and writes, under ``--out`` (committed; no weights, no per-item rows):
+
+* ``scores.parquet``, ``deltas.parquet``, ``health.parquet`` (summary rows),
+  ``edit_quality.parquet`` and ``checkpoints.parquet``: the compact results;
+* ``table.md``: per method, the checkpoints reached, the collapse (if any), the first
+  checkpoint with a significant paired drop (Holm-corrected across the run's
+  checkpoints, accuracy and log-likelihood), held-out perplexity and norm growth at
+  every checkpoint, and retention at the last checkpoint;
+* ``comparison.md``: the paper's ordering (KN first; ROME before MEMIT, PMET and
+  AlphaEdit; GRACE and SERAC flat), each claim checked against these results;
+* ``finding_4_1.{png,html}``: paired log-likelihood change and health against the
+  number of edits.
+
+Everything is computed from the saved runs; rerun after the runs advance.
+
+    python scripts/finding_4_1.py --root results/finding_4_1 --out results/findings/finding_4_1
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from editkit.paired import first_significant_drop
+from editkit.results import load_results
+
+log = logging.getLogger("finding_4_1")
+
+ORDER = ["kn", "ft", "rome", "r-rome", "memit", "pmet", "alphaedit", "mend", "serac", "grace"]
+SLOW = ("rome", "r-rome", "memit", "pmet", "alphaedit")
+
+
+def _fmt(value: float, digits: int = 3) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    if not np.isfinite(value):
+        return "inf"
+    return f"{value:.{digits}g}"
+
+
+def _first_drops(deltas: pd.DataFrame) -> pd.DataFrame:
+    frames = []
+    for metric in ("acc", "loglik"):
+        if metric in set(deltas["metric"]):
+            frames.append(first_significant_drop(deltas, metric=metric)[["method", "task", "first_drop"]]
+                          .assign(metric=metric))
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(
+        columns=["method", "task", "first_drop", "metric"])
+
+
+def _series(frame: pd.DataFrame, method: str, metric: str) -> str:
+    rows = frame[(frame["method"] == method) & (frame["metric"] == metric)].sort_values("n_edits")
+    return ", ".join(f"{n}: {_fmt(v)}" for n, v in zip(rows["n_edits"], rows["value"])) or "–"
+
+
+def method_table(results, drops: pd.DataFrame, health: pd.DataFrame) -> pd.DataFrame:
+    rows = []
+    checkpoints = results.checkpoints
+    quality = results.edit_quality
+    for method in [m for m in ORDER if m in set(checkpoints["method"])]:
+        mine = checkpoints[checkpoints["method"] == method].sort_values("n_edits")
+        ok = mine[mine["status"] == "ok"]
+        collapsed = mine[mine["status"] == "collapsed"]
+        last = int(ok["n_edits"].max()) if len(ok) else 0
+        kept = quality[(quality["method"] == method) & (quality["n_edits"] == last)
+                       & (quality["scope"] == "retention") & (quality["metric"] == "reliability")]
+        by_convention = dict(zip(kept["convention"], kept["value"]))
+        first = drops[drops["method"] == method].groupby("metric")["first_drop"].min()  # over tasks
+        rows.append({
+            "method": method,
+            "checkpoints": ", ".join(str(n) for n in mine["n_edits"]),
+            "collapse": (f"{int(collapsed['n_edits'].min())}: {collapsed['reason'].iloc[0]}" if len(collapsed)
+                         else "none"),
+            "first drop (acc)": _na(first.get("acc")),
+            "first drop (log-lik)": _na(first.get("loglik")),
+            "held-out ppl ÷ unedited": _series(health, method, "heldout_ppl_ratio"),
+            "max ‖W−W₀‖/‖W₀‖": _series(health, method, "max_rel_norm_growth"),
+            "retention at last ok N (prob / gen)": (
+                f"N={last}: {_fmt(by_convention.get('prob'))} / {_fmt(by_convention.get('gen'))}"),
+        })
+    return pd.DataFrame(rows)
+
+
+def _markdown(frame: pd.DataFrame) -> str:
+    lines = ["| " + " | ".join(frame.columns) + " |", "|" + "---|" * len(frame.columns)]
+    lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in frame.itertuples(index=False)]
+    return "\n".join(lines)
+
+
+def _na(value) -> str:
+    return "none" if value is None or pd.isna(value) else str(int(value))
+
+
+def comparison(table: pd.DataFrame, drops: pd.DataFrame, results) -> list[str]:
+    """The paper's ordering, each claim with what these runs say (computed, not typed)."""
+    first = {}
+    for method in set(drops["method"]):
+        values = drops[(drops["method"] == method) & (drops["metric"] == "loglik")]["first_drop"].dropna()
+        first[method] = int(values.min()) if len(values) else math.inf
+    reached = results.checkpoints.groupby("method")["n_edits"].max().to_dict()
+    lines = ["| paper (Li et al. 2024, Finding 4.1) | these runs (SmolLM2-135M-Instruct, cloze CSQA, paired log-lik) "
+             "| agrees |", "|---|---|---|"]
+
+    def claim(text: str, detail: str, verdict: bool | None) -> None:
+        mark = "not yet measured" if verdict is None else ("yes" if verdict else "no")
+        lines.append(f"| {text} | {detail} | {mark} |")
+
+    def when(method: str) -> str:
+        if method not in reached:
+            return f"{method}: not run"
+        value = first.get(method, math.inf)
+        return f"{method}: {'no drop' if value == math.inf else value} (to {reached[method]})"
+
+    others = [m for m in first if m != "kn"]
+    if "kn" in first and others:
+        earliest = min(first[m] for m in others)
+        claim("KN damages first (collapses within 10 edits)", when("kn") + "; earliest other: "
+              + _fmt(earliest), first["kn"] <= earliest and first["kn"] <= 10)
+    else:
+        claim("KN damages first", when("kn"), None)
+    for other in ("memit", "pmet", "alphaedit"):
+        if "rome" in first and other in first:
+            claim(f"ROME degrades before {other.upper() if other != 'alphaedit' else 'AlphaEdit'}",
+                  f"{when('rome')}; {when(other)}", first["rome"] < first[other])
+        else:
+            claim(f"ROME degrades before {other}", f"{when('rome')}; {when(other)}", None)
+    for flat in ("grace", "serac"):
+        claim(f"{flat.upper()} stays flat", when(flat), None if flat not in first else first[flat] == math.inf)
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--root", default="results/finding_4_1")
+    parser.add_argument("--out", default="results/findings/finding_4_1")
+    parser.add_argument("--no-figure", action="store_true")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    results = load_results(args.root)
+    if results.checkpoints.empty:
+        log.error("no runs under %s", args.root)
+        return 1
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    deltas = results.deltas
+    health = results.health[results.health["parameter"].isna()].drop(columns=["parameter"])
+    for name, frame in (("scores", results.scores), ("deltas", deltas), ("health", health),
+                        ("edit_quality", results.edit_quality), ("checkpoints", results.checkpoints)):
+        frame.to_parquet(out / f"{name}.parquet", index=False)
+    drops = _first_drops(deltas)
+    table = method_table(results, drops, health)
+    (out / "table.md").write_text(_markdown(table) + "\n", encoding="utf-8")
+    (out / "comparison.md").write_text("\n".join(comparison(table, drops, results)) + "\n", encoding="utf-8")
+    if not args.no_figure and len(deltas):
+        from editkit.viz import save_chart
+        from editkit.viz_instruments import delta_curves, health_curves
+
+        chart = delta_curves(deltas, metric="loglik") & delta_curves(deltas, metric="acc") & health_curves(
+            results.health, metrics=["heldout_ppl_ratio", "max_rel_norm_growth"])
+        save_chart(chart, out / "finding_4_1")
+    sys.stdout.write(_markdown(table) + "\n\n" + (out / "comparison.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
