@@ -34,6 +34,14 @@ _LAZY = {
     "mcnemar_power": "editkit.power:mcnemar_power",
     "paired_mean_items": "editkit.power:paired_mean_items",
     "discordance": "editkit.power:discordance",
+    "decline_rate": "editkit.findings:decline_rate",
+    "pair_difference": "editkit.findings:pair_difference",
+    "drop_vs_scale": "editkit.findings:drop_vs_scale",
+    "scale_slope": "editkit.findings:scale_slope",
+    "relative_drop": "editkit.findings:relative_drop",
+    "capability_drops": "editkit.findings:capability_drops",
+    "capability_difference_test": "editkit.findings:capability_difference_test",
+    "safety_table": "editkit.findings:safety_table",
 }
 
 __all__ = sorted(_LAZY)
