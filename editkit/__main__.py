@@ -7,8 +7,11 @@ cell (index, model, method, dataset, seed, batch size, state) without running
 anything; ``--cell I`` (repeatable) runs only cell I, for array jobs. A cell that another
 process is running is skipped (exit status 3 once the free cells are done) unless
 ``--wait SECONDS`` is given. ``verify ROOT`` checks every saved file of a results root
-against its checksums and lists what is wrong (exit status 1 if anything is). ``train`` trains the learned component of MEND or SERAC once for
-a model (resuming an interrupted run) and saves it where the editor finds it:
+against its checksums and lists what is wrong (exit status 1 if anything is). ``report ROOT
+[--output FILE] [--title T]`` writes one static HTML page of a results root's charts, findings
+tables and manifests (default ``ROOT/report.html``; exit status 2 when ROOT holds no results).
+``train`` trains the learned component of MEND or SERAC once for a model (resuming an
+interrupted run) and saves it where the editor finds it:
 ``python -m editkit train mend --model smollm2-135m-instruct [--preset smoke|paper]
 [--set name=value ...]``. ``list`` shows the registered editors, tasks and offline models.
 """
@@ -48,6 +51,12 @@ def _parser() -> argparse.ArgumentParser:
     commands.add_parser("list", help="registered editors, benchmark tasks and offline models")
     verify = commands.add_parser("verify", help="check every file of a results root against its checksums")
     verify.add_argument("results_dir", help="a study's results_dir")
+    report = commands.add_parser("report", help="one static HTML page of a results root (charts, tables, manifests)")
+    report.add_argument("results_dir", help="a study's results_dir")
+    report.add_argument("--output", help="the HTML file to write (default: RESULTS_DIR/report.html)")
+    report.add_argument("--title", help="the page's title (default: editkit report: <folder name>)")
+    report.add_argument("--no-specs", action="store_true",
+                        help="leave out each chart's Vega-Lite specification (smaller page for big roots)")
     return parser
 
 
@@ -66,6 +75,18 @@ def _verify(results_dir: str) -> int:
     cells = len(list(Path(results_dir).glob("*/checkpoints")))
     sys.stdout.write(f"{len(problems)} problem(s) in {cells} cell(s) under {results_dir}\n")
     return 1 if len(problems) else 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from .report import NoResultsError, write_report
+
+    try:
+        path = write_report(args.results_dir, args.output, title=args.title, specs=not args.no_specs)
+    except NoResultsError as error:
+        logging.getLogger("editkit").error("%s", error)
+        return 2
+    sys.stdout.write(f"{path}\n")
+    return 0
 
 
 def _list() -> int:
@@ -149,6 +170,8 @@ def main(argv: list[str] | None = None) -> int:
         return _train(args, parser)
     if args.command == "verify":
         return _verify(args.results_dir)
+    if args.command == "report":
+        return _report(args)
     return _run(args)
 
 

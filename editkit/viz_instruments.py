@@ -97,7 +97,7 @@ def health_curves(health: pd.DataFrame, metrics: Sequence[str] | None = None, co
     unknown = [m for m in wanted if m not in HEALTH_PANELS]
     if unknown:
         raise ValueError(f"unknown health metrics {unknown} (known: {', '.join(HEALTH_PANELS)})")
-    frame = health[health["parameter"].isna() & health["metric"].isin(wanted)].copy()
+    frame = health[health["parameter"].isna() & health["metric"].isin(wanted)].drop(columns=["parameter"])
     if frame.empty:
         raise ValueError(f"no health rows to draw for metrics={wanted}")
     for column in ("ci_low", "ci_high"):
