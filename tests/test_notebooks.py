@@ -31,10 +31,21 @@ PARAMETERS = ROOT / "parameters"
 
 # The params class each notebook's validation cell builds ("module:Class").
 PARAMS_CLASSES = {
+    "00_quickstart": "editkit.runs:StudyConfig",
     "01_number_of_edits": "editkit.runs:StudyConfig",
 }
-# Parameter files every notebook with a parameters folder must provide.
-REQUIRED_FILES = ("smoke.yaml", "demo.yaml", "paper.yaml")
+# Parameters a notebook may declare besides its params class's fields: settings used before
+# the params object exists (the quickstart's pip source on Colab). Not being fields, they
+# must be used by name in the validation cell.
+NOTEBOOK_ONLY_PARAMETERS = {
+    "00_quickstart": ("editkit_source",),
+}
+# Parameter files every notebook with a parameters folder must provide; the quickstart is
+# a tour (a CPU smoke run and a Colab GPU run), not a study with a demo and a paper setting.
+REQUIRED_FILES = {
+    "00_quickstart": ("smoke.yaml", "colab.yaml"),
+}
+DEFAULT_REQUIRED_FILES = ("smoke.yaml", "demo.yaml", "paper.yaml")
 
 
 def _read(path: Path) -> Any:
@@ -77,6 +88,12 @@ def _literal_assignments(source: str) -> dict[str, Any]:
 
 def _defaults(notebook_path: Path) -> dict[str, Any]:
     return _literal_assignments(_parameters_cell(_read(notebook_path)).source)
+
+
+def _params_values(notebook_path: Path, values: dict[str, Any]) -> dict[str, Any]:
+    """``values`` without the notebook-only parameters: what the params class receives."""
+    own = set(NOTEBOOK_ONLY_PARAMETERS.get(notebook_path.stem, ()))
+    return {name: value for name, value in values.items() if name not in own}
 
 
 def _parameter_files() -> list[tuple[Path, Path]]:
@@ -172,20 +189,24 @@ def test_validation_cell_uses_every_parameter(notebook_path):
 def test_parameters_match_params_class(notebook_path):
     params_class = _params_class(notebook_path)
     defaults = _defaults(notebook_path)
+    own = set(NOTEBOOK_ONLY_PARAMETERS.get(notebook_path.stem, ()))
+    assert own <= set(defaults), f"NOTEBOOK_ONLY_PARAMETERS names {sorted(own - set(defaults))}, not parameters"
     # Legacy one-value spellings (``model`` beside ``models``) need not be notebook parameters.
     fields = set(params_class.field_names())
+    assert not own & fields, f"{sorted(own & fields)} are {params_class.__name__} fields, not notebook-only"
     legacy = set(getattr(params_class, "LEGACY_FIELDS", ()))
-    assert set(defaults) - fields == set() and fields - set(defaults) - legacy == set(), (
+    assert set(defaults) - fields - own == set() and fields - set(defaults) - legacy == set(), (
         f"parameters cell vs {params_class.__name__}: missing {sorted(fields - set(defaults))}, "
-        f"extra {sorted(set(defaults) - fields)}"
+        f"extra {sorted(set(defaults) - fields - own)}"
     )
-    params_class.from_dict(defaults, where=f"{notebook_path.name} parameters cell")
+    params_class.from_dict(_params_values(notebook_path, defaults), where=f"{notebook_path.name} parameters cell")
 
 
 @pytest.mark.parametrize("notebook_path", [p for p in NOTEBOOKS if (PARAMETERS / p.stem).is_dir()], ids=_id)
 def test_parameter_files_exist(notebook_path):
     folder = PARAMETERS / notebook_path.stem
-    missing = [name for name in REQUIRED_FILES if not (folder / name).is_file()]
+    required = REQUIRED_FILES.get(notebook_path.stem, DEFAULT_REQUIRED_FILES)
+    missing = [name for name in required if not (folder / name).is_file()]
     assert not missing, f"{folder.relative_to(ROOT)} lacks {missing}"
 
 
@@ -204,4 +225,5 @@ def test_parameter_file_keys_are_declared(notebook_path, yaml_path):
 def test_parameter_file_builds_params(notebook_path, yaml_path):
     params_class = _params_class(notebook_path)
     values = yaml.safe_load(yaml_path.read_text(encoding="utf-8")) or {}
-    params_class.from_dict({**_defaults(notebook_path), **values}, where=str(yaml_path.relative_to(ROOT)))
+    params_class.from_dict(_params_values(notebook_path, {**_defaults(notebook_path), **values}),
+                           where=str(yaml_path.relative_to(ROOT)))
