@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .paired import RUN_COLUMNS
+from .paired import RUN_COLUMNS, as_float
 from .results import Results
 
 __all__ = ["Curve", "RUN_COLUMNS", "chance_level", "check_task", "interval", "item_column", "need_replicates",
@@ -104,9 +104,8 @@ def interval(replicates: np.ndarray, alpha: float = 0.05) -> tuple[float, float]
 
 
 def _as_float(values: pd.Series) -> np.ndarray:
-    """Item scores (bool, number, None) as floats, NaN where missing."""
-    return np.array([math.nan if v is None or (isinstance(v, float) and math.isnan(v)) else float(v)
-                     for v in values], dtype=float)
+    """Item scores (bool, number, None) as floats, NaN where missing (:func:`editkit.paired.as_float`)."""
+    return np.array([as_float(v) for v in values], dtype=float)
 
 
 def _means(values: np.ndarray, counts: np.ndarray) -> np.ndarray:

@@ -242,7 +242,8 @@ def _gold_scores(logprobs: Sequence[Any], target: Sequence[Any]) -> tuple[np.nda
     return loglik, prob
 
 
-def _as_float(value: Any) -> float:
+def as_float(value: Any) -> float:
+    """An item score (bool, number or None) as a float, NaN where missing."""
     return math.nan if value is None or (isinstance(value, float) and math.isnan(value)) else float(value)
 
 
@@ -267,7 +268,7 @@ def _scored(items: pd.DataFrame) -> pd.DataFrame:
     loglik, prob = _gold_scores(list(items["logprobs"]) if "logprobs" in items else absent,
                                 list(items["target"]) if "target" in items else absent)
     return items[[*RUN_COLUMNS, "n_edits", "task", "item_id"]].assign(
-        loglik=loglik, prob=prob, acc=[_as_float(v) for v in items["correct"]],
+        loglik=loglik, prob=prob, acc=[as_float(v) for v in items["correct"]],
         finite=_flag(items, ("finite",), True), unusable=_flag(items, ("unusable", "format_failure"), False))
 
 

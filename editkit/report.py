@@ -345,6 +345,7 @@ def write_report(results_dir: str | os.PathLike[str], output: str | os.PathLike[
     Raises:
         NoResultsError: ``results_dir`` does not exist or has no cell folder.
     """
+    from .resources import atomic_write_text
     from .results import load_results
 
     root = Path(results_dir)
@@ -356,8 +357,6 @@ def write_report(results_dir: str | os.PathLike[str], output: str | os.PathLike[
     page = build_report(load_results(root), title=title, specs=specs)
     path = Path(output) if output is not None else root / "report.html"
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    temporary.write_text(page, encoding="utf-8")
-    os.replace(temporary, path)
+    atomic_write_text(path, page)
     log.info("report of %d cell(s) in %s (%.0f KB)", len(cell_folders(root)), path, len(page.encode()) / 1024)
     return path

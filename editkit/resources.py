@@ -50,7 +50,7 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
 
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary file, so the file is complete or absent."""
-    _atomic(path, lambda tmp: tmp.write_text(text))
+    _atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def sha256_file(path: str | Path) -> str:

@@ -46,6 +46,7 @@ import shutil
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -275,26 +276,18 @@ class RunStore:
     def save_checkpoint(self, n: int, frames: dict[str, pd.DataFrame], meta: dict[str, Any],
                         weights: dict[str, torch.Tensor] | None, editor_state: dict[str, Any] | None) -> None:
         """Write checkpoint ``n`` atomically: frames, weights, editor state, meta.json, then the checksums."""
-        final = self.checkpoint_dir(n)
-        tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
-        tmp.mkdir(parents=True)
-        try:
+
+        def fill(tmp: Path) -> dict[str, Any]:
+            tmp.mkdir(parents=True)
             for name, frame in frames.items():
                 write_items(frame, tmp / f"{name}.parquet")
             if weights:
                 save_file({k: v.contiguous().cpu() for k, v in weights.items()}, tmp / "state.safetensors")
             if editor_state is not None:
                 torch.save(editor_state, tmp / "editor_state.pt")
-            (tmp / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True, default=str))
-            digests = {p.name: sha256_file(p) for p in sorted(tmp.iterdir())}
-            (tmp / CHECKSUMS).write_text(json.dumps(digests, indent=2, sort_keys=True))
-            if final.exists():  # a verified-bad folder is set aside before; anything here is a leftover
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        shutil.rmtree(self.partial_dir(n), ignore_errors=True)
+            return meta
+
+        self._write_checkpoint(n, fill)
 
     def copy_checkpoint(self, source: RunStore, n: int, meta: dict[str, Any]) -> None:
         """Checkpoint ``n`` of ``source`` (verified) as this cell's, with ``meta`` over its meta.json.
@@ -302,16 +295,25 @@ class RunStore:
         Written like :meth:`save_checkpoint`: under a temporary name, checksummed, renamed.
         """
         origin = source.checkpoint_dir(n)
-        final = self.checkpoint_dir(n)
-        tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
-        tmp.parent.mkdir(parents=True, exist_ok=True)
-        try:
+
+        def fill(tmp: Path) -> dict[str, Any]:
             shutil.copytree(origin, tmp, ignore=shutil.ignore_patterns(CHECKSUMS, "meta.json"))
-            merged = {**read_json(origin / "meta.json", ""), **meta}
-            (tmp / "meta.json").write_text(json.dumps(merged, indent=2, sort_keys=True, default=str))
+            return {**read_json(origin / "meta.json", ""), **meta}
+
+        self._write_checkpoint(n, fill)
+
+    def _write_checkpoint(self, n: int, fill: Callable[[Path], dict[str, Any]]) -> None:
+        """``fill(tmp)`` creates a temporary folder, writes the files and returns the meta; then
+        meta.json and the checksums are written, and the folder is renamed into place."""
+        final = self.checkpoint_dir(n)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+        try:
+            meta = fill(tmp)
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True, default=str))
             digests = {p.name: sha256_file(p) for p in sorted(tmp.iterdir())}
             (tmp / CHECKSUMS).write_text(json.dumps(digests, indent=2, sort_keys=True))
-            if final.exists():
+            if final.exists():  # a verified-bad folder is set aside before; anything here is a leftover
                 shutil.rmtree(final)
             os.replace(tmp, final)
         except BaseException:
