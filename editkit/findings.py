@@ -5,7 +5,7 @@ Every function is pure (no I/O, no printing), takes a :class:`editkit.results.Re
 estimate has a 95% interval, by default a bootstrap over benchmark items (paired
 wherever two things are compared on the same items), deterministic for a given ``seed``.
 
-* RQ2, instruct vs base (:mod:`editkit.findings_models`): :func:`decline_rate`,
+* RQ2, instruct vs base (:mod:`editkit.findings_models`): :func:`check_pairs`, :func:`decline_rate`,
   :func:`pair_difference`, :func:`confounds`.
 * RQ3, scale (:mod:`editkit.findings_models`): :func:`drop_vs_scale`, :func:`scale_slope`.
 * RQ4, capabilities (:mod:`editkit.findings_capabilities`): :data:`CAPABILITIES`,
@@ -35,9 +35,9 @@ from .findings_capabilities import (
     capability_heatmap,
     relative_drop,
 )
-from .findings_models import confounds, decline_rate, drop_vs_scale, pair_difference, scale_slope
+from .findings_models import check_pairs, confounds, decline_rate, drop_vs_scale, pair_difference, scale_slope
 from .findings_safety import SAFETY_METRICS, safety_table
 
 __all__ = ["CAPABILITIES", "SAFETY_METRICS", "capability_difference_test", "capability_drops", "capability_heatmap",
-           "confounds", "decline_rate", "drop_vs_scale", "pair_difference", "relative_drop", "safety_table",
-           "scale_slope"]
+           "check_pairs", "confounds", "decline_rate", "drop_vs_scale", "pair_difference", "relative_drop",
+           "safety_table", "scale_slope"]

@@ -22,7 +22,7 @@ import pandas as pd
 from .findings_core import RUN_COLUMNS, chance_level, check_task, interval, need_replicates, run_curves
 from .results import Results
 
-__all__ = ["confounds", "decline_rate", "drop_vs_scale", "pair_difference", "scale_slope"]
+__all__ = ["check_pairs", "confounds", "decline_rate", "drop_vs_scale", "pair_difference", "scale_slope"]
 
 _MATCH = ("method", "dataset", "seed", "edit_batch_size", "task", "metric")  # what a pair's two runs share
 
@@ -108,6 +108,37 @@ def _check_models(present: Sequence[str], pairs: Sequence[tuple[str, str]], wher
     missing = sorted({m for pair in pairs for m in pair} - set(present))
     if missing:
         raise ValueError(f"pairs name models {missing} that are not in the {where} (it has {sorted(set(present))})")
+
+
+def check_pairs(pairs: Sequence[Sequence[str]], models: Sequence[str]) -> list[tuple[str, str]]:
+    """Validate ``(base, instruct)`` pairs against a study's models, before anything runs.
+
+    Args:
+        pairs: two-element sequences of model names (JSON and YAML give lists).
+        models: the study's ``models`` axis.
+
+    Returns:
+        The pairs as tuples.
+
+    Raises:
+        ValueError: a pair is not two names, pairs a model with itself, or names a model
+            the study does not run.
+    """
+    checked = []
+    for pair in pairs:
+        if isinstance(pair, str) or len(pair) != 2 or not all(isinstance(name, str) for name in pair):
+            raise ValueError(f"a pair is [base model, instruct model], got {pair!r}")
+        base, instruct = pair
+        if base == instruct:
+            raise ValueError(f"pair {list(pair)} compares {base} with itself")
+        missing = [name for name in pair if name not in models]
+        if missing:
+            raise ValueError(f"pair {list(pair)} names {missing}, which the study does not run "
+                             f"(models: {list(models)})")
+        checked.append((base, instruct))
+    if not checked:
+        raise ValueError("no (base, instruct) pairs to compare")
+    return checked
 
 
 def pair_difference(rates: pd.DataFrame, pairs: Sequence[tuple[str, str]], *, alpha: float = 0.05) -> pd.DataFrame:

@@ -269,3 +269,56 @@ def test_safety_table_reads_the_stored_share_without_items():
     assert row["constant_answer"] and math.isnan(row["delta"])
     with pytest.raises(ValueError, match="no TruthfulQA or ToxiGen"):
         safety_table(_results(_items("base-7b", "mmlu", {0: 24})))
+
+
+def test_check_pairs_accepts_yaml_lists_and_refuses_bad_pairs():
+    from editkit.findings import check_pairs
+
+    models = ["gemma3-270m", "smollm2-135m-instruct"]
+    assert check_pairs([["gemma3-270m", "smollm2-135m-instruct"]], models) == [("gemma3-270m",
+                                                                                "smollm2-135m-instruct")]
+    with pytest.raises(ValueError, match=r"names \['llama-7b'\], which the study does not run"):
+        check_pairs([["llama-7b", "smollm2-135m-instruct"]], models)
+    with pytest.raises(ValueError, match="with itself"):
+        check_pairs([["gemma3-270m", "gemma3-270m"]], models)
+    with pytest.raises(ValueError, match=r"a pair is \[base model, instruct model\]"):
+        check_pairs(["gemma3-270m"], models)
+    with pytest.raises(ValueError, match="no .* pairs"):
+        check_pairs([], models)
+
+
+def _chart_marks(chart) -> str:
+    return str(chart.to_dict())
+
+
+def test_rate_chart_draws_every_model_and_refuses_an_unknown_value(rq2):
+    from editkit.viz_findings import rate_chart
+
+    spec = rate_chart(decline_rate(rq2, "mmlu", n_boot=200)).to_dict()
+    models = {row["model"] for row in next(iter(spec["datasets"].values()))}
+    assert models == {"base-7b", "chat-7b", "flat-7b", "kn-7b"}
+    with pytest.raises(ValueError, match="value must be one of"):
+        rate_chart(decline_rate(rq2, "mmlu", n_boot=200), value="slope")
+
+
+def test_scale_chart_uses_a_log_size_axis_and_leaves_out_models_without_size(rq3):
+    from editkit.viz_findings import scale_chart
+
+    drops = drop_vs_scale(rq3, "mmlu", 10)
+    spec = scale_chart(drops).to_dict()
+    rows = next(iter(spec["datasets"].values()))
+    assert sorted(row["n_params"] for row in rows) == [1e8, 1e9, 1e10]
+    assert "'type': 'log'" in _chart_marks(scale_chart(drops))
+    unsized = drops.assign(n_params=None)
+    with pytest.raises(ValueError, match="no drops with a parameter count"):
+        scale_chart(unsized)
+
+
+def test_safety_chart_puts_the_constant_answer_share_under_each_score():
+    from editkit.viz_findings import safety_chart
+
+    table = safety_table(_results(_toxigen("collapsed-7b", True)), n_boot=200)
+    rows = next(iter(safety_chart(table).to_dict()["datasets"].values()))
+    shares = [row["value"] for row in rows if row["quantity"] == "constant-answer share" and row["n_edits"] == 10]
+    assert shares == [1.0, 1.0]  # acc and acc_norm of the collapsed model
+    assert {row["quantity"] for row in rows} == {"score", "constant-answer share"}
