@@ -33,12 +33,17 @@ PARAMETERS = ROOT / "parameters"
 PARAMS_CLASSES = {
     "00_quickstart": "editkit.runs:StudyConfig",
     "01_number_of_edits": "editkit.runs:StudyConfig",
+    "02_instruct_vs_base": "editkit.runs:StudyConfig",
+    "03_model_scale": "editkit.runs:StudyConfig",
+    "04_capabilities": "editkit.runs:StudyConfig",
+    "05_safety": "editkit.runs:StudyConfig",
 }
 # Parameters a notebook may declare besides its params class's fields: settings used before
 # the params object exists (the quickstart's pip source on Colab). Not being fields, they
 # must be used by name in the validation cell.
 NOTEBOOK_ONLY_PARAMETERS = {
     "00_quickstart": ("editkit_source",),
+    "02_instruct_vs_base": ("pairs",),
 }
 # Parameter files every notebook with a parameters folder must provide; the quickstart is
 # a tour (a CPU smoke run and a Colab GPU run), not a study with a demo and a paper setting.
@@ -227,3 +232,12 @@ def test_parameter_file_builds_params(notebook_path, yaml_path):
     values = yaml.safe_load(yaml_path.read_text(encoding="utf-8")) or {}
     params_class.from_dict(_params_values(notebook_path, {**_defaults(notebook_path), **values}),
                            where=str(yaml_path.relative_to(ROOT)))
+
+
+@pytest.mark.parametrize(("notebook_path", "yaml_path"),
+                         [(n, y) for n, y in _parameter_files() if "pairs" in _defaults(n)], ids=_id)
+def test_instruct_pairs_name_models_of_the_study(notebook_path, yaml_path):
+    from editkit.findings import check_pairs
+
+    values = {**_defaults(notebook_path), **(yaml.safe_load(yaml_path.read_text(encoding="utf-8")) or {})}
+    check_pairs(values["pairs"], values["models"])
