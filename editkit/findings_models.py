@@ -102,12 +102,11 @@ def decline_rate(results: Results, task: str, metric: str = "acc", *, n_boot: in
 
 
 def _check_models(present: Sequence[str], pairs: Sequence[tuple[str, str]], where: str) -> None:
-    for pair in pairs:
-        if len(pair) != 2:
-            raise ValueError(f"a pair is (base, instruct), got {pair!r}")
-    missing = sorted({m for pair in pairs for m in pair} - set(present))
-    if missing:
-        raise ValueError(f"pairs name models {missing} that are not in the {where} (it has {sorted(set(present))})")
+    """:func:`check_pairs` against the models of a frame, naming the frame in the error."""
+    try:
+        check_pairs(pairs, sorted(set(present)))
+    except ValueError as error:
+        raise ValueError(f"{error} (in the {where})") from None
 
 
 def check_pairs(pairs: Sequence[Sequence[str]], models: Sequence[str]) -> list[tuple[str, str]]:
