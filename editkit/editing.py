@@ -157,12 +157,19 @@ class Editor(abc.ABC):
         """Change the model for ``requests``, recording originals via :meth:`_update_weight`."""
 
     def _update_weight(self, handle: EditHandle, path: str, delta: torch.Tensor) -> None:
-        """Add ``delta`` (already in the parameter's stored orientation) to a parameter."""
+        """Add ``delta`` (already in the parameter's stored orientation) to a parameter.
+
+        The update is rounded to float32 (or the parameter's dtype if wider), added there
+        and the sum rounded once to the parameter's dtype: a bfloat16 or float16 model
+        keeps its dtype and loses no more of the update than one rounding, and a float32
+        model's result is the same as ``parameter += delta.float()``.
+        """
         parameter = get_parameter(self.lm.model, path)
         if path not in handle.originals:
             handle.originals[path] = parameter.detach().clone()
+        wide = torch.promote_types(parameter.dtype, torch.float32)
         with torch.no_grad():
-            parameter.add_(delta.to(parameter.dtype))
+            parameter.copy_(parameter.to(wide) + delta.to(parameter.device, wide))
 
     def state_dict(self) -> dict[str, Any]:
         """Editor state beyond the model's weights (e.g. caches a resumed run must reuse)."""

@@ -18,6 +18,11 @@ records held-out perplexity (``heldout_chunks`` chunks of ``heldout_source``) an
 changed weights' statistics. ``health_alarm: {max_ppl_ratio: 100}`` (any field of
 :class:`editkit.health.HealthAlarm`) stops a cell at the first checkpoint that crosses a
 threshold; the stop is saved as a collapse with its reason.
+
+Tasks: editkit's registered tasks (:func:`editkit.benchmarks.list_tasks`) and any
+lm-evaluation-harness task as ``lm_eval:<name>`` (:mod:`editkit.lm_eval_tasks`), whose
+YAMLs may also come from the folder ``lm_eval_include``. An unknown name of either kind
+is an error here, before any edit.
 """
 
 from __future__ import annotations
@@ -85,11 +90,12 @@ class StudyConfig(Params):
     n_edits: int = 10
     checkpoints: tuple[int, ...] = ()
     tasks: tuple[str, ...] = DEFAULT_TASKS
+    lm_eval_include: str | None = None
     limit: int | Literal["auto"] | None = "auto"
     task_limits: Any = None
     max_new_tokens: int = 256
     shuffle_seed: int | None = None
-    batch_size: int = 8
+    batch_size: int | Literal["auto"] = 8
     device: str = "cpu"
     dtype: str = "float32"
     n_generation_examples: int = 3
@@ -100,7 +106,6 @@ class StudyConfig(Params):
     results_dir: str = "results/study"
 
     def __post_init__(self) -> None:
-        from .benchmarks import get_task
         from .datasets import edit_dataset, list_edit_datasets
         from .editors import editor_class
 
@@ -122,8 +127,7 @@ class StudyConfig(Params):
             if max(self.edit_batch_size) > 1 and not batch_edits:
                 raise ValueError(f"{method} edits one request at a time; edit_batch_size > 1 needs methods that "
                                  "edit a batch at once (memit, pmet, alphaedit, ft, mend, serac)")
-        for task in self.tasks:
-            get_task(task)
+        self._check_tasks()
         known = list_edit_datasets()
         for dataset in self.dataset_list():
             if dataset not in known:
@@ -161,13 +165,28 @@ class StudyConfig(Params):
         for task in self.task_limits or {}:
             if task not in self.tasks:
                 raise ValueError(f"task_limits names {task!r}, which is not in tasks {self.tasks}")
-        if isinstance(self.limit, int) and self.limit < 1 or self.batch_size < 1 or self.max_new_tokens < 1:
-            raise ValueError("limit, batch_size and max_new_tokens must be positive")
+        if isinstance(self.limit, int) and self.limit < 1 or self.max_new_tokens < 1:
+            raise ValueError("limit and max_new_tokens must be positive")
+        if self.batch_size != "auto" and self.batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer or 'auto', got {self.batch_size}")
         if self.heldout_chunks < 1:
             raise ValueError(f"heldout_chunks must be positive, got {self.heldout_chunks}")
         if self.health_alarm is not None and not self.health:
             raise ValueError("health_alarm needs health: true (the alarm reads the health measurements)")
         self.alarm()  # an unknown threshold or a bad value raises here
+
+    def _check_tasks(self) -> None:
+        from .benchmarks import get_task
+        from .lm_eval_tasks import check_task, is_lm_eval_task
+
+        lm_eval_tasks = [task for task in self.tasks if is_lm_eval_task(task)]
+        if self.lm_eval_include is not None and not lm_eval_tasks:
+            raise ValueError(f"lm_eval_include is set but no task is an lm-eval task (lm_eval:<name>): {self.tasks}")
+        for task in self.tasks:
+            if task in lm_eval_tasks:
+                check_task(task, self.lm_eval_include)  # imports lm-eval and indexes its tasks (seconds)
+            else:
+                get_task(task)
 
     def alarm(self) -> HealthAlarm | None:
         """The :class:`~editkit.health.HealthAlarm` of ``health_alarm`` (None: never stop a cell early)."""
@@ -307,6 +326,8 @@ class Cell:
             identity["heldout"] = [study.heldout_source, study.heldout_chunks]
         if study.health_alarm is not None:  # an alarm changes where the run stops
             identity["health_alarm"] = dict(study.health_alarm)
+        if study.lm_eval_include is not None:  # where lm_eval:<task> YAMLs are read from
+            identity["lm_eval_include"] = study.lm_eval_include
         return identity
 
     def run_id(self, editor_params_digest: str) -> str:

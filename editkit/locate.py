@@ -62,31 +62,31 @@ def _batch(lm: LoadedModel, sequences: list[list[int]]) -> tuple[torch.Tensor, t
 
 
 def subject_keys(lm: LoadedModel, module_path: str, prefixes: Sequence[str], prompt: str, subject: str) -> torch.Tensor:
-    """Inputs of ``module_path`` at the subject's last token, one row per prefix."""
+    """Inputs of ``module_path`` at the subject's last token, one row per prefix (float32 in any model dtype)."""
     texts, positions = zip(*(subject_last_token(lm.tokenizer, p, prompt, subject) for p in prefixes))
     ids, mask = _batch(lm, [encode(lm.tokenizer, t) for t in texts])
     with torch.no_grad(), capture(lm.model, [module_path], outputs=False) as store:
         lm.model(input_ids=ids, attention_mask=mask)
     keys = by_position(store[module_path][0], len(positions))
-    return keys[torch.arange(len(positions)), torch.tensor(positions)].detach()
+    return keys[torch.arange(len(positions)), torch.tensor(positions)].detach().float()
 
 
 def module_io_at_subject(lm: LoadedModel, module_path: str, prompt: str, subject: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(input, output) of ``module_path`` at the subject's last token of ``prompt``."""
+    """(input, output) of ``module_path`` at the subject's last token of ``prompt`` (float32)."""
     text, position = subject_last_token(lm.tokenizer, "", prompt, subject)
     ids = torch.tensor([encode(lm.tokenizer, text)], device=lm.device)
     with torch.no_grad(), capture(lm.model, [module_path]) as store:
         lm.model(input_ids=ids)
     key, value = (by_position(t, 1) for t in store[module_path])
-    return key[0, position].detach(), value[0, position].detach()
+    return key[0, position].detach().float(), value[0, position].detach().float()
 
 
 @dataclass(frozen=True)
 class TargetValue:
     """Result of :func:`optimize_target_value` for one hooked module."""
 
-    value: torch.Tensor      # v* = initial value + delta
-    initial: torch.Tensor    # the hooked module's output before the edit
+    value: torch.Tensor      # v* = initial value + delta (float32)
+    initial: torch.Tensor    # the hooked module's output before the edit (float32)
     losses: tuple[float, ...]
 
 
@@ -198,10 +198,13 @@ def optimize_target_values(
             hidden = output[0] if isinstance(output, tuple) else output
             shaped = by_position(hidden, len(rows))
             if path not in deltas:  # the first step runs unedited: read v0 there (row 0 is the bare prompt)
-                initial[path] = shaped[0, lookup[0]].detach().clone()
+                # v0 and delta in float32 whatever the model's dtype: Adam's state and eps
+                # (1e-8) underflow in float16, and the reference optimises in float32.
+                initial[path] = shaped[0, lookup[0]].detach().float()
                 deltas[path] = torch.zeros_like(initial[path], requires_grad=True)
             # index_put (not in-place +=) keeps the graph valid for backward.
-            update = torch.zeros_like(shaped).index_put((rows, lookup), deltas[path].expand(len(rows), -1))
+            delta = deltas[path].to(shaped.dtype).expand(len(rows), -1)
+            update = torch.zeros_like(shaped).index_put((rows, lookup), delta)
             hidden = hidden + update.view(hidden.shape)
             return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
 

@@ -4,7 +4,8 @@
 editor state is installed in it) to the frames of one checkpoint:
 
 * ``items`` and ``scores``: every benchmark task, one row per item, then aggregates with
-  95% bootstrap intervals;
+  95% bootstrap intervals; ``lm_eval:<task>`` names run through lm-evaluation-harness
+  (:mod:`editkit.lm_eval_tasks`);
 * ``edit_quality``: reliability, generalisation and locality of the edits of the last
   steps (``latest``, computed as each step finished) and of every edit so far
   (``retention``, on this model);
@@ -27,6 +28,7 @@ import pandas as pd
 from .benchmarks import aggregate, evaluate, get_task
 from .benchmarks.engine import Engine, GenerationRequest
 from .edit_metrics import edit_quality, summarize_quality
+from .lm_eval_tasks import evaluate_task, is_lm_eval_task
 from .types import EditRequest
 
 __all__ = ["CheckpointProtocol", "PROBE_MAX_TOKENS"]
@@ -45,6 +47,7 @@ class CheckpointProtocol:
         seed: seed of the bootstrap intervals.
         n_generation_examples: probe prompts (the first edit prompts) whose greedy
             continuations are saved.
+        lm_eval_include: a folder of lm-eval task YAMLs for ``lm_eval:<task>`` names.
     """
 
     tasks: tuple[str, ...]
@@ -52,6 +55,7 @@ class CheckpointProtocol:
     max_new_tokens: int
     seed: int = 0
     n_generation_examples: int = 3
+    lm_eval_include: str | None = None
 
     def limit(self, task: str) -> int | None:
         return dict(self.limits).get(task)
@@ -75,15 +79,21 @@ class CheckpointProtocol:
 
         The model is unchanged on return.
         """
-        items = []
+        items, lm_eval_scores = [], []
         for task in self.tasks:
+            if is_lm_eval_task(task):  # not journaled: lm-eval runs the whole task at once
+                result = evaluate_task(engine, task, self.limit(task), include=self.lm_eval_include, seed=self.seed)
+                items.append(result.items)
+                if len(result.scores):  # metrics lm-eval aggregates itself (perplexity, BLEU)
+                    lm_eval_scores.append(result.scores)
+                continue
             spec = get_task(task)
             if hasattr(spec, "max_new_tokens") and spec.max_new_tokens != self.max_new_tokens:
                 spec = spec.with_options(max_new_tokens=self.max_new_tokens)
             items.append(evaluate(engine, [spec], limit=self.limit(task), progress=progress, journal=journal,
                                   journal_key=journal_key))
         items = pd.concat(items, ignore_index=True)
-        scores = aggregate(items, seed=self.seed)
+        scores = pd.concat([aggregate(items, seed=self.seed), *lm_eval_scores], ignore_index=True)
         quality = []
         if requests:
             retention = edit_quality(engine, requests, reference[:len(requests)])

@@ -76,7 +76,8 @@ class SequentialRun:
         self.engine = Engine(lm, batch_size=cell.study.batch_size, progress=False)
         self.protocol = CheckpointProtocol(tasks=tuple(cell.study.tasks), limits=cell.limits(),
                                            max_new_tokens=cell.study.max_new_tokens, seed=cell.seed,
-                                           n_generation_examples=cell.study.n_generation_examples)
+                                           n_generation_examples=cell.study.n_generation_examples,
+                                           lm_eval_include=cell.study.lm_eval_include)
         self.position = 0  # number of edits applied to the model right now
         self.collapse: str | None = None
         study = cell.study
@@ -115,18 +116,22 @@ class SequentialRun:
         return [[None if r is None else {**r, "greedy": tuple(r["greedy"])} for r in per_request]
                 for per_request in stored[:len(self.requests)]]
 
+    def _text_batch_size(self) -> int:
+        """The held-out texts' batch size: the study's, or with ``auto`` the engine's for 256 tokens."""
+        return self.engine.resolve_batch_size(256, 256)
+
     def measure_baseline(self) -> None:
         """The unedited model's held-out perplexity, the baseline of every checkpoint's ratio."""
         if self.heldout is None:
             return
         self._check_unedited("the held-out baseline")
-        self.baseline = score_texts(self.lm, self.heldout, batch_size=self.cell.study.batch_size)
+        self.baseline = score_texts(self.lm, self.heldout, batch_size=self._text_batch_size())
         if not self.baseline.finite:
             raise RuntimeError(f"the unedited {self.lm.name} gives non-finite held-out log-likelihoods")
 
     def health(self) -> list[dict[str, Any]]:
         """:func:`~editkit.health.health_rows` of the model as it is now: held-out perplexity, changed weights."""
-        heldout = score_texts(self.lm, self.heldout, batch_size=self.cell.study.batch_size)
+        heldout = score_texts(self.lm, self.heldout, batch_size=self._text_batch_size())
         weights = weight_health(self.lm, self.session.pristine) if self.session.touched else []
         return health_rows(heldout, weights, self.baseline)
 

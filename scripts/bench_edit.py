@@ -130,6 +130,7 @@ def relative_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) 
 def main(argv: list[str] | None = None) -> pd.DataFrame:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--device", default="cpu", help="cpu, auto (the accelerator if any) or a torch device")
     parser.add_argument("--methods", nargs="+", default=["rome", "memit", "alphaedit"])
     parser.add_argument("--n", type=int, default=4, help="CounterFact requests timed per method")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
@@ -141,7 +142,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(args.threads)
-    lm = load_model(args.model, dtype=args.dtype)
+    lm = load_model(args.model, dtype=args.dtype, device=args.device)
     requests = load_edit_requests("counterfact", "edit", args.n + 1)
     log.info("load average before: %s", os.getloadavg())
     rows = []
@@ -175,8 +176,8 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     args.out.mkdir(parents=True, exist_ok=True)
     table.to_csv(args.out / "edits.csv", index=False)
     (args.out / "summary.json").write_text(json.dumps(
-        {"model": args.model, "dtype": args.dtype, "threads": args.threads, "torch": torch.__version__,
-         "summary": summary.reset_index().to_dict(orient="records")}, indent=2))
+        {"model": args.model, "dtype": args.dtype, "device": str(lm.device), "threads": args.threads,
+         "torch": torch.__version__, "summary": summary.reset_index().to_dict(orient="records")}, indent=2))
     return table
 
 

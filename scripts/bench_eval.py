@@ -24,7 +24,8 @@ Example (CPU, one thread; the numbers in BENCHMARKS.md)::
 as a full run sees them) instead of editkit's stratified ``limit`` (one
 subject after another, round robin); ``--subjects N`` keeps the items of the
 first N subjects of a stratified selection (``--task mmlu=200 --subjects 6``:
-the 24 items of six subjects that a 200-item run holds, 3-4 per subject). Needs ``pip install lm-eval==0.4.9``.
+the 24 items of six subjects that a 200-item run holds, 3-4 per subject). Needs lm-eval:
+``pip install 'editkit[lm_eval]'`` (0.4.13, which imports under transformers 5 as it is).
 Results go to ``--out`` as JSON (summary) and CSV (one row per item).
 """
 
@@ -51,19 +52,6 @@ from editkit.benchmarks.evaluation import TaskRequests
 log = logging.getLogger("bench_eval")
 
 
-def transformers_compat() -> None:
-    """Let lm-eval 0.4.9 import under transformers 5.
-
-    lm-eval names ``transformers.AutoModelForVision2Seq`` at import time;
-    transformers 5 renamed it ``AutoModelForImageTextToText``. The old name is
-    set when missing (only lm-eval's vision-language wrapper uses it).
-    """
-    import transformers
-
-    if not hasattr(transformers, "AutoModelForVision2Seq"):
-        transformers.AutoModelForVision2Seq = transformers.AutoModelForImageTextToText
-
-
 def lm_eval_hflm(lm: Any, batch_size: int) -> Any:
     """lm-eval's ``HFLM`` over an editkit :class:`~editkit.models.LoadedModel` (same weights, a tokenizer copy).
 
@@ -72,7 +60,6 @@ def lm_eval_hflm(lm: Any, batch_size: int) -> Any:
     sides see the same ids (editkit encodes with the tokenizer's default
     special tokens, lm-eval without them unless told).
     """
-    transformers_compat()
     logging.getLogger("lm-eval").setLevel(logging.ERROR)
     from lm_eval.models.huggingface import HFLM
 
@@ -225,6 +212,8 @@ def task_requests(name: str, limit: int, selection: str = "stratified", max_new_
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--device", default="cpu", help="cpu, auto (the accelerator if any) or a torch device")
+    parser.add_argument("--dtype", default="float32", help="model dtype")
     parser.add_argument("--task", action="append", default=[], metavar="TASK=N",
                         help="task and item count; repeat (default mmlu=200, commonsense_qa=100, gsm8k=50)")
     parser.add_argument("--selection", choices=("stratified", "first"), default="stratified")
@@ -241,7 +230,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         torch.set_num_threads(args.threads)
     pairs = [item.partition("=") for item in args.task] or [("mmlu", "", "200"), ("commonsense_qa", "", "100"),
                                                             ("gsm8k", "", "50")]
-    lm = load_model(args.model)
+    lm = load_model(args.model, dtype=args.dtype, device=args.device)
     engine = Engine(lm, batch_size=args.batch_size, progress=False)
     hflm = lm_eval_hflm(lm, args.batch_size)
     summaries, frames = [], []

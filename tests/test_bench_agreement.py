@@ -28,7 +28,6 @@ def bench_eval():
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
-    module.transformers_compat()  # lm-eval 0.4.9 names a class transformers 5 renamed
     pytest.importorskip("lm_eval")
     return module
 

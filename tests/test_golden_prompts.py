@@ -10,8 +10,9 @@ version bump), rewrite the file with::
 
 The second half renders the same items with lm-evaluation-harness's own task
 YAMLs (Jinja templates, descriptions and few-shot samples of the installed
-``lm_eval`` 0.4.x, read as files: the package is not imported) and compares
-them with editkit's prompts. It is skipped when lm_eval is not installed.
+``lm_eval``, 0.4.13 as pinned by the ``lm_eval`` extra, read as files: the package
+is not imported) and compares them with editkit's prompts. It is skipped when
+lm_eval is not installed.
 """
 
 from __future__ import annotations
@@ -188,15 +189,24 @@ def _lm_eval_prompt(config: dict[str, Any], doc: dict[str, Any], shots: list[dic
     return text + _render(config["doc_to_text"], doc)
 
 
+# Subtasks whose published chain-of-thought exemplars (Suzgun et al., cot-prompts/<subtask>.txt)
+# continue the cue's line with the rationale ("A: Let's think step by step. Bam Adebayo ...")
+# instead of starting it on the next line; lm-eval 0.4.13 starts every rationale on a new line.
+CUE_LINE_RATIONALE = {"sports_understanding"}
+
+
 @needs_lm_eval
 @pytest.mark.parametrize("subtask", SUBTASKS)
 def test_bbh_prompts_match_lm_eval(subtask):
-    """bbh_direct equals lm-eval's ``bbh_fewshot``; bbh_cot equals ``bbh_cot_fewshot`` up to its known quirk.
+    """bbh_direct equals lm-eval's ``bbh_fewshot``; bbh_cot equals ``bbh_cot_fewshot`` but for one line break.
 
-    lm-eval 0.4.9 renders a CoT shot as ``doc_to_text + " " + target`` where
-    ``doc_to_text`` already ends with "A: Let's think step by step.\\n" and
-    most targets start with the same sentence again; editkit keeps the
-    published exemplar ("A: " + the exemplar's answer), so the shots are rebuilt that way here.
+    lm-eval 0.4.13 renders a CoT shot as ``doc_to_text + target`` (no delimiter),
+    ``doc_to_text`` ending with "A: Let's think step by step.\\n" and the target
+    holding the rationale alone: the published exemplar, except in the subtasks of
+    :data:`CUE_LINE_RATIONALE`, whose published rationale continues the cue's line.
+    editkit keeps the published text, so only there is lm-eval's line break after
+    the shots' cue a space (the question's own cue ends its line in both). (0.4.9
+    also repeated the cue at the start of most targets, joined with a space.)
     """
     docs = [d for d in get_task("bbh_direct").load("test") if d.subject == subtask][:2]
     direct = _yaml(f"bbh/fewshot/{subtask}.yaml")
@@ -204,13 +214,18 @@ def test_bbh_prompts_match_lm_eval(subtask):
     for doc in docs:
         assert _prompt(get_task("bbh_direct"), doc) == _lm_eval_prompt(direct, dict(doc.fields), shots)
         assert direct["generation_kwargs"]["until"] == ["</s>", "Q", "\n\n"]
-    cot = _yaml(f"bbh/cot_fewshot/{subtask}.yaml")
     cue = "Let's think step by step."
-    published = "".join(
-        f"Q: {s['input']}\nA: " + (s["target"] if s["target"].startswith(cue) else f"{cue}\n{s['target']}") + "\n\n"
-        for s in cot["fewshot_config"]["samples"])
+    published = [d.fields["cot_answer"] for d in get_task("bbh_cot").load("fewshot") if d.subject == subtask]
+    separator = " " if subtask in CUE_LINE_RATIONALE else "\n"
+    assert len(published) == 3 and all(answer.startswith(cue + separator) for answer in published)
+    cot = _yaml(f"bbh/cot_fewshot/{subtask}.yaml")
+    assert [cue + separator + s["target"] for s in cot["fewshot_config"]["samples"]] == published
     for doc in docs:
-        expected = cot["description"] + published + _render(cot["doc_to_text"], dict(doc.fields))
+        expected = _lm_eval_prompt(cot, dict(doc.fields), cot["fewshot_config"]["samples"])
+        question = _render(cot["doc_to_text"], dict(doc.fields))
+        assert expected.endswith(question) and question.endswith(f"A: {cue}\n")
+        if subtask in CUE_LINE_RATIONALE:  # the shots only: the question's cue ends its line in both
+            expected = expected[: -len(question)].replace(f"A: {cue}\n", f"A: {cue} ") + question
         assert _prompt(get_task("bbh_cot"), doc) == expected
     assert get_task("bbh_cot").max_new_tokens == cot["generation_kwargs"]["max_gen_toks"]
     assert cot["filter_list"][0]["filter"][0]["regex_pattern"] == "(?<=the answer is )(.*)(?=.)"

@@ -21,13 +21,15 @@ Two registered tasks, lm-eval's ``bbh_cot_fewshot`` and ``bbh_fewshot``:
   answer (``"Q: <input>\\nA: (B)"``); the stripped output must equal the
   target. At most 256 new tokens.
 
-Deviations, checked against lm-eval 0.4.9's YAMLs (``tests/test_golden_prompts.py``):
+Deviations, checked against lm-eval 0.4.13's YAMLs (``tests/test_golden_prompts.py``):
 
-* 0.4.9 stores each CoT exemplar's rationale with a leading "Let's think step
-  by step.\\n" (all subtasks but boolean_expressions) and joins it to
-  ``doc_to_text`` with a space, so its shots read "A: Let's think step
-  by step.\\n Let's think step by step.\\n...". editkit keeps the published
-  text, as lm-eval 0.4.0-0.4.2 did (shots written into ``doc_to_text``).
+* sports_understanding: the published exemplars continue the cue's line with
+  the rationale ("A: Let's think step by step. Bam Adebayo ..."); lm-eval
+  starts it on a new line, as every other subtask's exemplars do. editkit keeps
+  the published text. (In the other 26 subtasks lm-eval 0.4.13's shots are the
+  published exemplars. 0.4.9 stored most rationales with a leading "Let's think
+  step by step.\\n" joined to ``doc_to_text`` with a space, so its shots read
+  "A: Let's think step by step.\\n Let's think step by step.\\n...".)
 * lm-eval compares the direct answer without stripping it, so with
   tokenizers that keep a leading space (GPT-2-style BPE) ``" (B)"`` never
   equals ``"(B)"``; editkit strips surrounding whitespace.

@@ -37,7 +37,7 @@ import inspect
 import logging
 import math
 import numbers
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -184,6 +184,9 @@ class Engine:
 
     def _encode_request(self, index: int, context: str, continuation: str) -> _Encoded:
         context_ids, continuation_ids = self.encode_pair(context, continuation)
+        return self._fit(index, context_ids, continuation_ids, len(continuation))
+
+    def _fit(self, index: int, context_ids: Sequence[int], continuation_ids: Sequence[int], n_chars: int) -> _Encoded:
         if len(continuation_ids) > self.max_length:
             raise ValueError(
                 f"request {index}: the continuation has {len(continuation_ids)} tokens, more than "
@@ -193,7 +196,7 @@ class Engine:
         overflow = len(context_ids) + len(continuation_ids) - (self.max_length + 1)
         if overflow > 0:
             context_ids = context_ids[overflow:]
-        return _Encoded(index, tuple(context_ids), tuple(continuation_ids), len(continuation))
+        return _Encoded(index, tuple(context_ids), tuple(continuation_ids), n_chars)
 
     # -- forward passes -----------------------------------------------------------------------
 
@@ -237,8 +240,23 @@ class Engine:
     def score(self, requests: Sequence[tuple[str, str]]) -> list[ContinuationScore]:
         """Score each ``(context, continuation)``; results in request order."""
         contexts = self.route([context for context, _ in requests])
-        encoded = [self._encode_request(i, context, continuation)
-                   for i, (context, (_, continuation)) in enumerate(zip(contexts, requests))]
+        return self._score_encoded([self._encode_request(i, context, continuation)
+                                    for i, (context, (_, continuation)) in enumerate(zip(contexts, requests))])
+
+    def score_tokens(self, requests: Sequence[tuple[Sequence[int], Sequence[int]]]) -> list[ContinuationScore]:
+        """Score each ``(context ids, continuation ids)`` (lm-eval's ``_loglikelihood_tokens``); in request order.
+
+        The token-level entry behind ``loglikelihood_rolling`` windows
+        (:mod:`editkit.lm_eval_bridge`). Context routers are not applied: they
+        rewrite text, so a caller routes before it tokenizes. Every context needs
+        at least one token; one too long loses tokens on the left, as in :meth:`score`.
+        """
+        if any(not context for context, _ in requests):
+            raise ValueError("score_tokens needs at least one context token per request (e.g. the BOS token)")
+        return self._score_encoded([self._fit(i, context, continuation, len(self.tokenizer.decode(continuation)))
+                                    for i, (context, continuation) in enumerate(requests)])
+
+    def _score_encoded(self, encoded: Sequence[_Encoded]) -> list[ContinuationScore]:
         results: list[ContinuationScore | None] = [None] * len(encoded)
         groups: dict[tuple, list[_Encoded]] = {}
         for request in encoded:
@@ -257,7 +275,8 @@ class Engine:
             bar.update(len(encoded) - sum(len(group) for group in keyed))
             for members, shared in plan:
                 batch = [keyed[i] for i in members]
-                for score, request in self._score_batch(batch, shared, memo, size):
+                scored = self._halving_on_oom(lambda part: self._score_batch(part, shared, memo, size), batch)
+                for score, request in scored:
                     results[request.index] = score
                 bar.update(sum(len(group) for group in batch))
         return results  # type: ignore[return-value]
@@ -301,6 +320,28 @@ class Engine:
             del tail_out, logits, logprobs
         return [(self._assemble(request, steps[request.index]), request) for group in groups for request in group]
 
+    def _halving_on_oom(self, run: Callable[[list], list], batch: Sequence) -> list:
+        """``run(batch)``; with ``batch_size="auto"``, a batch that runs out of device memory runs as two halves.
+
+        The memory estimate behind ``"auto"`` is pessimistic, but another process on
+        the same GPU can still take memory between the estimate and the pass. Each
+        halving is logged and lowers ``max_batch_size`` for later calls. A fixed
+        batch size, or a single sequence that does not fit, raises the error.
+        """
+        try:
+            return run(list(batch))
+        except torch.OutOfMemoryError:
+            if self.batch_size != "auto" or len(batch) < 2:
+                raise
+        empty_cache = getattr(getattr(torch, self.device.type, None), "empty_cache", None)
+        if empty_cache is not None:
+            empty_cache()
+        half = len(batch) // 2
+        self.max_batch_size = max(1, min(self.max_batch_size, half))
+        log.warning("out of device memory with %d sequences in a batch: running %d and %d (max_batch_size now %d)",
+                    len(batch), half, len(batch) - half, self.max_batch_size)
+        return self._halving_on_oom(run, batch[:half]) + self._halving_on_oom(run, batch[half:])
+
     @staticmethod
     def _assemble(request: _Encoded, steps: list[tuple[float, int, bool]]) -> ContinuationScore:
         token_lp, greedy_ids, finite_flags = zip(*steps)
@@ -343,7 +384,8 @@ class Engine:
         size = self.resolve_batch_size(longest)
         with torch.inference_mode(), tqdm(total=len(requests), disable=not self.progress, desc="generate") as bar:
             for batch, shared in plan_batches(contexts, size):
-                texts = greedy_generate(self, [contexts[i] for i in batch], [requests[i] for i in batch], shared, memo)
+                texts = self._halving_on_oom(lambda part: greedy_generate(
+                    self, [contexts[i] for i in part], [requests[i] for i in part], shared, memo), batch)
                 for i, text in zip(batch, texts):
                     if text is None:
                         log.warning("generation %d met non-finite logits; returning an empty string", i)

@@ -180,14 +180,21 @@ class FT(Editor):
         parameters = {path: self.lm.model.get_parameter(path) for path in self.parameter_paths}
         originals = {path: w.detach().clone() for path, w in parameters.items()}
         flags = {path: w.requires_grad for path, w in parameters.items()}
+        # Adam steps float32 master copies (the model's own weights when it is float32): in
+        # float16 Adam's eps and second moments underflow. The model's weights get each
+        # step's master values rounded to their dtype, and the gradient is read from them.
+        half = {path: w.dtype not in (torch.float32, torch.float64) for path, w in parameters.items()}
+        masters = {path: w.detach().float().clone() if half[path] else w for path, w in parameters.items()}
         bounds = None
         if p.norm_constraint is not None:
-            bounds = {path: (w - p.norm_constraint, w + p.norm_constraint) for path, w in originals.items()}
+            bounds = {path: (masters[path].detach() - p.norm_constraint, masters[path].detach() + p.norm_constraint)
+                      for path in parameters}
         losses: list[float] = []
         try:
-            for w in parameters.values():
+            for path, w in parameters.items():
                 w.requires_grad_(True)  # only these get gradients; the model stays frozen
-            optimizer = torch.optim.Adam(list(parameters.values()), lr=p.lr, weight_decay=p.weight_decay)
+                masters[path].requires_grad_(True)
+            optimizer = torch.optim.Adam(list(masters.values()), lr=p.lr, weight_decay=p.weight_decay)
             with torch.enable_grad():
                 for _ in range(p.num_steps):
                     epoch = 0.0
@@ -197,15 +204,21 @@ class FT(Editor):
                         epoch += loss.item() * size
                         if loss.item() >= p.early_stop_loss:
                             loss.backward()
+                            for path, w in parameters.items():
+                                if half[path]:
+                                    masters[path].grad = w.grad.float()
+                                    w.grad = None
                             optimizer.step()
-                        if bounds is not None:
-                            with torch.no_grad():
-                                for path, w in parameters.items():
-                                    w.clamp_(*bounds[path])
+                        with torch.no_grad():
+                            for path, w in parameters.items():
+                                if bounds is not None:
+                                    masters[path].clamp_(*bounds[path])
+                                if half[path]:
+                                    w.copy_(masters[path])
                     losses.append(epoch / len(requests))
                     if losses[-1] < p.early_stop_loss:
                         break
-            deltas = {path: (w.detach() - originals[path]) for path, w in parameters.items()}
+            deltas = {path: (masters[path].detach() - originals[path].float()) for path in parameters}
         finally:
             with torch.no_grad():
                 for path, w in parameters.items():

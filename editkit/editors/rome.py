@@ -140,8 +140,8 @@ class RROME(ROME):
     def _update_key(self, request: EditRequest, mean_key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         module = self.lm.adapter.module(self.lm.model, "mlp_out", self.layer)
         with torch.no_grad():
-            weight = self.lm.adapter.as_out_in(module.weight)  # out x in, whatever the storage
-            current = weight @ mean_key.to(weight.dtype)
+            weight = self.lm.adapter.as_out_in(module.weight).float()  # out x in, whatever the storage
+            current = weight @ mean_key.float()
             if getattr(module, "bias", None) is not None:
-                current = current + module.bias
+                current = current + module.bias.float()
         return mean_key, current.detach()
