@@ -26,6 +26,7 @@ _LAZY = {
     "load_edit_requests": "editkit.datasets:load_edit_requests",
     "StudyConfig": "editkit.grid:StudyConfig",
     "run_study": "editkit.runs:run_study",
+    "run_study_ray": "editkit.backends:run_study_ray",
     "load_results": "editkit.results:load_results",
     "load_study": "editkit.runs:load_study",
     "describe_model": "editkit.modelinfo:describe_model",

@@ -6,10 +6,18 @@ grid, and writes the charts next to the results. ``--list-cells`` prints one lin
 cell (index, model, method, dataset, seed, batch size, state) without running
 anything; ``--cell I`` (repeatable) runs only cell I, for array jobs. A cell that another
 process is running is skipped (exit status 3 once the free cells are done) unless
-``--wait SECONDS`` is given. ``verify ROOT`` checks every saved file of a results root
-against its checksums and lists what is wrong (exit status 1 if anything is). ``report ROOT
-[--output FILE] [--title T]`` writes one static HTML page of a results root's charts, findings
-tables and manifests (default ``ROOT/report.html``; exit status 2 when ROOT holds no results).
+``--wait SECONDS`` is given. ``--backend ray`` runs every chosen cell as a task of a Ray
+cluster instead (``--address ADDR`` connects to one; without it a local instance is
+started), each asking for ``--cpus-per-cell`` CPUs (default 1) and, where the cell's device
+wants an accelerator and the cluster has GPUs, ``--gpus-per-cell`` GPUs (default 1); a cell
+whose worker dies is run again up to ``--retries`` times (default 2) and resumes from its last
+checkpoint. The results root must then be a path every node sees; exit status 1 when a cell
+failed after its retries (each is named with its error), 3 when one was locked
+(:mod:`editkit.backends`; needs ``pip install 'editkit[ray]'``). ``verify ROOT`` checks every
+saved file of a results root against its checksums and lists what is wrong (exit status 1 if
+anything is). ``report ROOT [--output FILE] [--title T]`` writes one static HTML page of a
+results root's charts, findings tables and manifests (default ``ROOT/report.html``; exit
+status 2 when ROOT holds no results).
 ``train`` trains the learned component of MEND or SERAC once for a model (resuming an
 interrupted run) and saves it where the editor finds it:
 ``python -m editkit train mend --model smollm2-135m-instruct [--preset smoke|paper]
@@ -37,6 +45,14 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--wait", type=float, metavar="SECONDS",
                      help="wait this long for a cell another process is running (default: skip it, exit 3)")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
+    run.add_argument("--backend", choices=("local", "ray"), default="local",
+                     help="local: the cells one after another in this process (default); ray: one Ray task per cell")
+    run.add_argument("--address", help="--backend ray: the Ray cluster to connect to (default: start a local one)")
+    run.add_argument("--retries", type=int, metavar="N",
+                     help="--backend ray: runs of a cell again after its worker died or ran out of memory (default 2)")
+    run.add_argument("--cpus-per-cell", type=float, metavar="N", help="--backend ray: CPUs per cell (default 1)")
+    run.add_argument("--gpus-per-cell", type=float, metavar="N",
+                     help="--backend ray: GPUs per cell whose device wants one, when the cluster has GPUs (default 1)")
     train = commands.add_parser("train", help="train MEND's or SERAC's learned component (resumes)")
     train.add_argument("method", help="a trained editor: mend or serac")
     train.add_argument("--model", default="smollm2-135m-instruct", help="catalog name, hub id or folder")
@@ -119,12 +135,22 @@ def _train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     return 0
 
 
-def _run(args: argparse.Namespace) -> int:
+_RAY_FLAGS = ("address", "retries", "cpus_per_cell", "gpus_per_cell")
+
+
+def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from pathlib import Path
 
     from .config import load_yaml
     from .runs import StudyConfig, cell_states, run_study
 
+    if args.backend == "ray":
+        from .backends import import_ray
+
+        try:
+            import_ray()
+        except ImportError as error:
+            parser.error(str(error))
     values = load_yaml(args.config)
     if args.results_dir:
         values["results_dir"] = args.results_dir
@@ -136,10 +162,21 @@ def _run(args: argparse.Namespace) -> int:
             sys.stdout.write("{cell:>4}  {model}  {method}  {dataset}  seed={seed}  batch={edit_batch_size}  "
                              "{state}  {run_id}\n".format(**row))
         return 0
+    from .backends import CellsFailedError, RayOptions, run_study_ray
     from .locks import CellLockedError
 
+    given = {name: getattr(args, name) for name in _RAY_FLAGS if getattr(args, name) is not None}
     try:
-        result = run_study(config, progress=not args.quiet, cells=args.cell, wait=args.wait)
+        if args.backend == "ray":
+            result = run_study_ray(config, RayOptions(**given), progress=not args.quiet, cells=args.cell,
+                                   wait=args.wait)
+        elif given:
+            parser.error(f"{', '.join('--' + name.replace('_', '-') for name in given)} apply to --backend ray only")
+        else:
+            result = run_study(config, progress=not args.quiet, cells=args.cell, wait=args.wait)
+    except CellsFailedError as error:  # each failure was logged with its traceback as it came back
+        logging.getLogger("editkit").error("%s", error)
+        return 1
     except CellLockedError as error:
         logging.getLogger("editkit").error("%s", error)
         return 3
@@ -172,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         return _verify(args.results_dir)
     if args.command == "report":
         return _report(args)
-    return _run(args)
+    return _run(args, parser)
 
 
 if __name__ == "__main__":

@@ -30,8 +30,8 @@ from .store import RunStore, write_items
 if TYPE_CHECKING:
     from .models import LoadedModel
 
-__all__ = ["StudyConfig", "Cell", "Results", "StudyResult", "run_study", "load_study", "load_results",
-           "cell_states", "DEFAULT_CHECKPOINTS", "write_items"]
+__all__ = ["StudyConfig", "Cell", "Results", "StudyResult", "run_study", "run_one_cell", "select_cells",
+           "load_cell_model", "load_study", "load_results", "cell_states", "DEFAULT_CHECKPOINTS", "write_items"]
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,12 @@ StudyResult = Results
 load_study = load_results
 
 
-def _select(config: StudyConfig, cells: Sequence[int] | None) -> list[Cell]:
+def select_cells(config: StudyConfig, cells: Sequence[int] | None) -> list[Cell]:
+    """The cells of ``config`` with these indices, in grid order (None: all).
+
+    Raises:
+        IndexError: an index outside the grid (the message gives its size).
+    """
     everything = config.cells()
     if cells is None:
         return everything
@@ -70,10 +75,7 @@ def run_study(config: StudyConfig, progress: bool = True, *, cells: Sequence[int
         CellLockedError: after every free cell has run, if another process held some
             cell (each is named; rerun later, or pass ``wait``).
     """
-    from .models import load_model
-    from .sequential import run_cell
-
-    chosen = _select(config, cells)
+    chosen = select_cells(config, cells)
     if lm is not None and len({c.model for c in chosen}) > 1:
         raise ValueError("lm= serves a study of one model; this one has several")
     loaded: tuple[tuple[str, str, str], LoadedModel] | None = None
@@ -88,17 +90,47 @@ def run_study(config: StudyConfig, progress: bool = True, *, cells: Sequence[int
         else:
             loaded = model = None  # free the previous model before loading the next
             gc.collect()
-            log.info("loading %s (%s on %s) for cell %d", *key, cell.index)
-            loaded = (key, load_model(cell.model, dtype=cell.dtype, device=cell.device))
+            loaded = (key, load_cell_model(cell))
             model = loaded[1]
         try:
-            run_cell(cell, model, config.results_dir, progress=progress, on_checkpoint=on_checkpoint, wait=wait)
+            run_one_cell(config, cell.index, lm=model, progress=progress, on_checkpoint=on_checkpoint, wait=wait)
         except CellLockedError as error:  # another worker has it: run the others, then say so
             log.warning("cell %d skipped: %s", cell.index, error)
             busy.append(error)
     if busy:  # each was named in a warning when it was skipped
         raise busy[0]
     return load_results(config.results_dir)
+
+
+def load_cell_model(cell: Cell) -> LoadedModel:
+    """Load ``cell``'s model as the cell asks (its ``dtype`` and ``device``)."""
+    from .models import load_model
+
+    log.info("loading %s (%s on %s) for cell %d", cell.model, cell.dtype, cell.device, cell.index)
+    return load_model(cell.model, dtype=cell.dtype, device=cell.device)
+
+
+def run_one_cell(config: StudyConfig, index: int, *, lm: LoadedModel | None = None, progress: bool = True,
+                 on_checkpoint: Callable[[int, str], None] | None = None, wait: float | None = None) -> str:
+    """Run (or resume) cell ``index`` of ``config``; returns its run id.
+
+    The one path by which every backend runs a cell: :func:`run_study` here (with the
+    model it keeps loaded for consecutive cells) and :mod:`editkit.backends` in a Ray task.
+
+    Args:
+        config: the study; the cell is saved under its ``results_dir``.
+        index: the cell's index in :meth:`StudyConfig.cells`.
+        lm: the cell's model, already loaded (default: load it with :func:`load_cell_model`).
+        progress, on_checkpoint, wait: as for :func:`editkit.sequential.run_cell`.
+
+    Raises:
+        CellLockedError: another live process works on this cell.
+    """
+    from .sequential import run_cell
+
+    (cell,) = select_cells(config, [index])
+    model = lm if lm is not None else load_cell_model(cell)
+    return run_cell(cell, model, config.results_dir, progress=progress, on_checkpoint=on_checkpoint, wait=wait)
 
 
 def cell_states(config: StudyConfig) -> list[dict[str, object]]:
