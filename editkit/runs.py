@@ -81,7 +81,11 @@ def run_study(config: StudyConfig, progress: bool = True, *, cells: Sequence[int
     loaded: tuple[tuple[str, str, str], LoadedModel] | None = None
     model: LoadedModel | None = None
     busy: list[CellLockedError] = []
+    infos: dict[tuple, ModelInfo] = {}
     for cell in chosen:
+        if lm is None and _is_done(config, cell, infos):  # e.g. a notebook rerun over saved results
+            log.info("cell %d (%s, %s) is done: its model is not loaded", cell.index, cell.model, cell.method)
+            continue
         key = (cell.model, cell.dtype, cell.device)
         if lm is not None:
             model = lm
@@ -146,19 +150,13 @@ def cell_states(config: StudyConfig) -> list[dict[str, object]]:
     rows = []
     infos: dict[tuple, ModelInfo] = {}  # one look-up per model, not per cell
     for cell in config.cells():
-        key = (cell.model, tuple(sorted(cell.declared_info.items())))
-        if key not in infos:
-            infos[key] = describe_model(cell.model, cell.declared_info)
-        info = infos[key]
         row: dict[str, object] = {"cell": cell.index, **cell.axes(), "run_id": None, "state": "unknown"}
-        if info.model_type is not None:
-            params = resolve_params(cell.method, info, **cell.editor_overrides)
-            run_id = cell.run_id(params.digest())
-            store = RunStore(Path(config.results_dir) / run_id)
+        store = _cell_store(config, cell, infos)
+        if store is not None:
             finished = set(store.verified())
             wanted = cell.checkpoints()
             have = [n for n in wanted if n in finished]
-            row["run_id"] = run_id
+            row["run_id"] = store.folder.name
             row["state"] = ("done" if len(have) == len(wanted) else
                             f"{len(have)}/{len(wanted)} checkpoints" if have else "pending")
             holder = owner(store.folder)
@@ -166,3 +164,26 @@ def cell_states(config: StudyConfig) -> list[dict[str, object]]:
                 row["state"] += f" (running: pid {holder.get('pid')} on {holder.get('host')})"
         rows.append(row)
     return rows
+
+
+def _cell_store(config: StudyConfig, cell: Cell, infos: dict[tuple, ModelInfo]) -> RunStore | None:
+    """The store of ``cell`` without loading its model; None when the model's type cannot be told offline.
+
+    ``infos`` caches one :func:`describe_model` per model across calls.
+    """
+    key = (cell.model, tuple(sorted(cell.declared_info.items())))
+    if key not in infos:
+        infos[key] = describe_model(cell.model, cell.declared_info)
+    info = infos[key]
+    if info.model_type is None:
+        return None
+    params = resolve_params(cell.method, info, **cell.editor_overrides)
+    return RunStore(Path(config.results_dir) / cell.run_id(params.digest()))
+
+
+def _is_done(config: StudyConfig, cell: Cell, infos: dict[tuple, ModelInfo]) -> bool:
+    """Every checkpoint of ``cell`` is saved and passes verification (nothing to run, no model to load)."""
+    store = _cell_store(config, cell, infos)
+    if store is None or not store.folder.is_dir():
+        return False
+    return set(cell.checkpoints()) <= set(store.verified())

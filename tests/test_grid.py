@@ -35,7 +35,7 @@ def grid_values(tiny_folder: str, results_dir: Path) -> dict:
         "model_overrides": {tiny_folder: {"editor_overrides": {"rome": {"layers": [1]}, "ft": {"layers": [1]}},
                                           "family": "tiny-llama"}},
         "n_edits": 2, "checkpoints": [0, 2], "tasks": ["mmlu_cloze"], "limit": 2, "max_new_tokens": 4,
-        "n_generation_examples": 1, "results_dir": str(results_dir),
+        "n_generation_examples": 1, "heldout_chunks": 4, "results_dir": str(results_dir),
     }
 
 
@@ -241,3 +241,26 @@ def test_each_dataset_edits_its_own_split():
     assert [(c.dataset, c.split()) for c in config.cells()] == [("counterfact", "edit"), ("zsre", "eval")]
     with pytest.raises(ValueError, match="'edit' is not a split of zsre"):
         StudyConfig.from_dict({"datasets": ["counterfact", "zsre"], "split": "edit"})
+
+
+class _Loaded(Exception):
+    pass
+
+
+def test_a_finished_cell_does_not_load_its_model(tiny_folder, tmp_path, monkeypatch):
+    """A rerun over saved results (a notebook run again) reads them without loading the model."""
+    import editkit.runs
+
+    values = grid_values(tiny_folder, tmp_path / "out")
+    values.update(models=[tiny_folder], methods=["ft"], editor_overrides={"ft": values["editor_overrides"]["ft"]},
+                  model_overrides={tiny_folder: {"editor_overrides": {"ft": {"layers": [1]}}}})
+    first = run_study(StudyConfig.from_dict(values), progress=False)
+
+    def refuse(cell):
+        raise _Loaded(cell.model)
+
+    monkeypatch.setattr(editkit.runs, "load_cell_model", refuse)
+    again = run_study(StudyConfig.from_dict(values), progress=False)
+    assert again.scores.equals(first.scores)
+    with pytest.raises(_Loaded):  # one more checkpoint: the cell is not done, so its model is needed
+        run_study(StudyConfig.from_dict({**values, "n_edits": 3, "checkpoints": [0, 2, 3]}), progress=False)
