@@ -25,7 +25,8 @@ if TYPE_CHECKING:
     from .models import LoadedModel
     from .modelinfo import ModelInfo
 
-__all__ = ["Params", "UnknownParameterError", "load_yaml", "check_keys", "model_overrides", "packaged_params"]
+__all__ = ["Params", "UnknownParameterError", "load_yaml", "check_keys", "model_overrides", "packaged_params",
+           "option"]
 
 P = TypeVar("P", bound="Params")
 
@@ -133,6 +134,15 @@ def _coerce(value: Any, annotation: Any, name: str) -> Any:
     return value
 
 
+def option(default: Any) -> Any:
+    """A field added to an existing ``Params`` class after results were recorded with it.
+
+    It enters :meth:`Params.digest` only when set to something other than ``default``,
+    so every earlier run id (``<method>-<digest of the params>``) stays what it was.
+    """
+    return dataclasses.field(default=default, metadata={"digest_when_set": True})
+
+
 @dataclasses.dataclass(frozen=True)
 class Params:
     """Base class: subclasses are frozen dataclasses of hyperparameters."""
@@ -167,6 +177,8 @@ class Params:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
     def digest(self) -> str:
-        """Short stable hash of the class name and every value."""
-        payload = json.dumps([type(self).__name__, self.to_dict()], sort_keys=True, default=list)
+        """Short stable hash of the class name and every value (an :func:`option` only when set)."""
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                  if not (f.metadata.get("digest_when_set") and getattr(self, f.name) == f.default)}
+        payload = json.dumps([type(self).__name__, values], sort_keys=True, default=list)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]

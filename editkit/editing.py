@@ -185,6 +185,10 @@ class Editor(abc.ABC):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned."""
 
+    def adopt_originals(self, originals: dict[str, torch.Tensor]) -> None:
+        """Told, when a session resumes from saved weights, each parameter's value before the
+        session's first edit (PRUNE restrains the perturbation accumulated since then)."""
+
 
 class EditSession:
     """Sequential editing with one pristine copy per touched parameter.
@@ -236,6 +240,7 @@ class EditSession:
                 parameter = get_parameter(self.editor.lm.model, path)
                 self.pristine.setdefault(path, parameter.detach().clone())
                 parameter.copy_(value)
+        self.editor.adopt_originals(self.pristine)
 
     def restore(self) -> None:
         with torch.no_grad():

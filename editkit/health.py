@@ -82,8 +82,9 @@ def score_texts(lm: LoadedModel, texts: Sequence[str], *, max_length: int = 256,
     the text's tokens, so every token of the text is predicted, the first one from the start
     token alone. Sequences are cut to ``max_length`` tokens (start token included), right
     padded with an attention mask and run without gradients; padded positions are never
-    scored. Context routers (SERAC) are not applied: the text is scored as written. The
-    model is unchanged on return.
+    scored. A memory editor's routing (SERAC, IKE) applies, as to any direct forward call
+    (:mod:`editkit.routing`): a routed text is scored after its edit context, start token
+    included in the routed text. The model is unchanged on return.
 
     Raises:
         ValueError: no texts, a non-positive ``max_length`` or ``batch_size``, or no text

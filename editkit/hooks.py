@@ -3,8 +3,9 @@
 Editors never re-implement a model: they read and change activations of the
 unmodified HuggingFace modules through plain forward hooks, registered inside a
 ``with`` block and removed in ``finally``. This module is the only place that
-registers hooks; the one hook that outlives a call (GRACE's codebook adaptor, which
-stays on while the codebook has entries) goes through :func:`attach_forward_hook`.
+registers hooks; the hooks that outlive a call (GRACE's codebook adaptor, which stays on
+while the codebook has entries, and the forward routing of SERAC and IKE) go through
+:func:`attach_forward_hook`.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 __all__ = ["get_module", "get_parameter", "forward_hooks", "forward_pre_hooks", "inputs_only_at", "capture",
-           "attach_forward_hook", "by_position", "replaced_forward"]
+           "attach_forward_hook", "attach_forward_pre_hook", "by_position", "replaced_forward"]
 
 HookFn = Callable[[nn.Module, tuple, object], object]
 PreHookFn = Callable[[nn.Module, tuple], object]
@@ -105,14 +106,23 @@ def inputs_only_at(model: nn.Module, path: str, rows: torch.Tensor, positions: t
     return forward_pre_hooks(model, [(path, select)])
 
 
-def attach_forward_hook(model: nn.Module, path: str, fn: HookFn) -> RemovableHandle:
+def attach_forward_hook(model: nn.Module, path: str, fn: Callable[..., object], *,
+                        with_kwargs: bool = False) -> RemovableHandle:
     """Register a forward hook that stays until the caller removes the returned handle.
 
-    Only for adaptors that must act on every later call (GRACE's codebook); the
-    owner removes it when its state empties and on every undo. Anything that
-    lives for one computation uses :func:`forward_hooks` instead.
+    Only for adaptors that must act on every later call (GRACE's codebook, the
+    forward routing of memory editors in :mod:`editkit.routing`, on the whole model:
+    ``path=""``); the owner removes it when its state empties and on every undo.
+    With ``with_kwargs`` the hook is called as ``fn(module, args, kwargs, output)``.
+    Anything that lives for one computation uses :func:`forward_hooks` instead.
     """
-    return get_module(model, path).register_forward_hook(fn)
+    return get_module(model, path).register_forward_hook(fn, with_kwargs=with_kwargs)
+
+
+def attach_forward_pre_hook(model: nn.Module, path: str, fn: Callable[..., object], *,
+                            with_kwargs: bool = False) -> RemovableHandle:
+    """As :func:`attach_forward_hook`, for a forward *pre*-hook (``fn(module, args[, kwargs])``)."""
+    return get_module(model, path).register_forward_pre_hook(fn, with_kwargs=with_kwargs)
 
 
 def by_position(activation: torch.Tensor, batch: int) -> torch.Tensor:

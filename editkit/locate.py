@@ -129,6 +129,13 @@ def _batch_runner(lm: LoadedModel, sequences: list[list[int]], lookups: list[int
     return forward, [0] * len(sequences)
 
 
+def _target_on_top(target_logits: torch.Tensor, target_tok: torch.Tensor) -> bool:
+    """Whether the target is the most probable token at every target position."""
+    with torch.no_grad():
+        log_probs = torch.log_softmax(target_logits, dim=-1)
+        return bool((log_probs.gather(1, target_tok[:, None])[:, 0] >= log_probs.max(-1).values).all())
+
+
 def optimize_target_values(
     lm: LoadedModel,
     request: EditRequest,
@@ -143,6 +150,7 @@ def optimize_target_values(
     nll_loss_factor: float = 1.0,
     adaptive_nll: bool = False,
     early_stop_loss: float = 5e-2,
+    prob_cutoff: float = 0.0,
     kl_prompts: Sequence[str] = ("{} is a",),
     split_prefix: bool = True,
 ) -> dict[str, TargetValue]:
@@ -162,6 +170,14 @@ def optimize_target_values(
     attention and MLP outputs together and sets ``adaptive_nll``: once the target
     is the argmax at every target position the NLL weight drops to a tenth, and the
     loop stops when the KL term is also below 0.01 (PMET's ``compute_zs``).
+
+    ``prob_cutoff`` is ENCORE's most-probable early stopping (Gupta et al., 2025,
+    arXiv 2502.01636; scalable-model-editing/encore ``encore/compute_z.py``): when
+    negative, the loop stops at the ``|prob_cutoff|``-th step (counted over the whole
+    run, not necessarily consecutive) on which the target is the argmax at every
+    target position of every prompt; when positive, once the mean over prompts of
+    ``exp(-NLL)`` exceeds it; 0 turns it off. The reference skips the bare prompt in
+    that check (it reads rows ``1:``); here the bare prompt counts too.
     """
     tokenizer = lm.tokenizer
     continuation = target_text(request.target_new)
@@ -214,6 +230,7 @@ def optimize_target_values(
     nll_weight = nll_loss_factor
     kl_init = None
     losses = []
+    steps_on_top = 0
     with forward_hooks(lm.model, [(path, add_delta(path)) for path in hook_paths]):
         for step in range(v_num_grad_steps):
             if optimizer is not None:
@@ -226,7 +243,8 @@ def optimize_target_values(
                 optimizer = torch.optim.Adam([deltas[p] for p in hook_paths], lr=v_lr)
                 max_norms = {path: clamp_norm_factor * initial[path].norm() for path in hook_paths}
             target_logits = logits[target_rows, target_pos]
-            nll = target_nll(target_logits, target_tok, groups=target_rows, n_groups=n_rewrite).mean()
+            nll_each = target_nll(target_logits, target_tok, groups=target_rows, n_groups=n_rewrite)
+            nll = nll_each.mean()
             kl_log_probs = torch.log_softmax(logits[rows[n_rewrite:], kl_pos], dim=-1)
             if kl_init is None:
                 kl_init = kl_log_probs.detach().clone()
@@ -234,12 +252,16 @@ def optimize_target_values(
             decay = v_weight_decay * sum(deltas[p].norm() / initial[p].norm() ** 2 for p in hook_paths)
             loss = nll_weight * nll + kl + decay
             losses.append(loss.item())
+            on_top = _target_on_top(target_logits, target_tok) if adaptive_nll or prob_cutoff < 0 else False
+            if prob_cutoff < 0 and on_top:
+                steps_on_top += 1
+                if steps_on_top >= abs(prob_cutoff):
+                    break
+            if prob_cutoff > 0 and torch.exp(-nll_each.detach()).mean().item() > prob_cutoff:
+                break
             if losses[-1] < early_stop_loss or step == v_num_grad_steps - 1:
                 break
             if adaptive_nll:
-                with torch.no_grad():  # is the target the argmax at every target position?
-                    log_probs = torch.log_softmax(target_logits, dim=-1)
-                    on_top = bool((log_probs.gather(1, target_tok[:, None])[:, 0] >= log_probs.max(-1).values).all())
                 if on_top:
                     nll_weight = 0.1 * nll_loss_factor
                     if kl.item() <= 0.01:

@@ -175,7 +175,12 @@ class LoadedModel:
             evaluation engine applies to every context before it runs the model, in
             order. Memory-based editors (SERAC) install themselves here: they send an
             input in the scope of a stored edit to a counterfactual context and leave
-            the others untouched. Weight and hook editors never use it.
+            the others untouched. Weight and hook editors never use it. Install
+            and remove routers with :func:`editkit.routing.add_router` /
+            :func:`~editkit.routing.remove_router`, which also route direct calls of
+            ``model`` (see :mod:`editkit.routing`).
+        forward_routing: the forward hook that routes direct calls while a router is
+            installed (:class:`editkit.routing.ForwardRouting`), else None.
     """
 
     model: nn.Module
@@ -184,6 +189,7 @@ class LoadedModel:
     name: str
     source: str = ""
     context_routers: list[Any] = field(default_factory=list)
+    forward_routing: Any = field(default=None, repr=False, compare=False)
 
     @property
     def device(self) -> torch.device:

@@ -49,6 +49,9 @@ FAST: dict[str, dict] = {
     # Every direction counts as "null" on a random 3-layer model's statistics, and its keys
     # are tiny (|k|² ~ 1e-3), so the published ridge L2 = 10 would swamp them.
     "alphaedit": {**_MULTI, "nullspace_threshold": 1e9, "L2": 1e-6},
+    "emmet": _MULTI,
+    # The published norm penalty mu = 10 would swamp a random model's tiny keys (see alphaedit).
+    "encore": {**_MULTI, "update_norm_lambda": 1e-3},
     "ft": {"layers": [1], "num_steps": 10},
     "kn": {"steps": 2, "batch_size": 64},
     "grace": {"layers": [1], "n_iter": 10},
@@ -57,6 +60,8 @@ FAST: dict[str, dict] = {
              "max_iters": 4, "train_records": 8, "val_records": 2, "checkpoint_every": 2},
     "serac": {"encoder": "all-minilm-l6-v2", "steps": 2, "batch_size": 4, "train_records": 8, "val_records": 4,
               "checkpoint_every": 2},
+    # Four demonstrations from 64 train records keep IKE's prompts inside the tiny models' 256 positions.
+    "ike": {"k": 4, "train_records": 64},
 }
 # On SmolLM2 the packaged per-model defaults apply, with fewer optimisation steps.
 FAST_SMOLLM2: dict[str, dict] = {
@@ -65,10 +70,13 @@ FAST_SMOLLM2: dict[str, dict] = {
     "memit": {"v_num_grad_steps": 10, "mom2_n_samples": 16, **_PREFIXES},
     "pmet": {"v_num_grad_steps": 10, "mom2_n_samples": 16, **_PREFIXES},
     "alphaedit": {"v_num_grad_steps": 10, "mom2_n_samples": 16, **_PREFIXES},
+    "emmet": {"v_num_grad_steps": 10, "mom2_n_samples": 16, **_PREFIXES},
+    "encore": {"v_num_grad_steps": 10, "mom2_n_samples": 16, **_PREFIXES},
     "ft": {},
     "kn": {"steps": 2, "batch_size": 64},
     "grace": {"n_iter": 10},
     "serac": {"steps": 2, "batch_size": 4, "train_records": 8, "val_records": 4, "checkpoint_every": 2},
+    "ike": {"train_records": 500},  # the packaged k = 16, drawn from the first 500 train records
     # Two training steps (published edit_lr 1e-4) already raise log P(new) by about 2 nats here.
     "mend": {"accumulate_bs": 2, "max_iters": 4, "train_records": 8, "val_records": 2,
              "checkpoint_every": 2},
@@ -76,7 +84,10 @@ FAST_SMOLLM2: dict[str, dict] = {
 # The smallest rise of log P(new) the SmolLM2 check accepts. SERAC answers an in-scope prompt
 # with the base model conditioned on the edit, which moves case 0 ("The mother tongue of
 # Danielle Darrieux is" -> English; SmolLM2 keeps preferring French) by only about 0.5 nats.
-MIN_GAIN = {"serac": 0.25}
+# IKE's prompt (16 demonstrations and the new fact) barely moves that case on SmolLM2 either:
+# +0.10 nats with the first 500 train records as candidates (-0.11 with all 10,000), while cases
+# 7 and 13 gain 1.2 and 7.5 nats (test_ike.py checks the mean gain and reliability on 6 cases).
+MIN_GAIN = {"serac": 0.25, "ike": 0.05}
 # Editors whose edit raises log P(new) on both tiny random models for each of the first 8
 # CounterFact cases: FT's loss and GRACE's codebook value act at the position that predicts the
 # target, and MEND's update is a transformed gradient of that loss. With FAST settings the others
@@ -85,7 +96,7 @@ MIN_GAIN = {"serac": 0.25}
 # a random model's last position hardly reads the subject's residual stream (a v* added at the
 # subject alone gains 0.01 to 0.03 nats), while the rank-one update also moves the MLP output at the
 # last position, whose key is not orthogonal to u, and that feeds the logits directly. SERAC's
-# counterfactual model is the random model itself. Their rise is checked on SmolLM2
+# counterfactual model is the random model itself, and so is IKE's reader. Their rise is checked on SmolLM2
 # (test_smollm2_target_rises_and_restores).
 RISES_ON_TINY = {"ft", "grace", "mend"}
 EDITORS = editkit.list_editors()

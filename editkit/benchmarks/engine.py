@@ -45,6 +45,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..kv_cache import select_rows
+from ..routing import unrouted
 from ..tokens import encode_pair
 from .api import ContinuationScore, GenerationRequest, LanguageModel
 from .generation import greedy_generate
@@ -224,8 +225,9 @@ class Engine:
         kwargs: dict[str, object] = {}
         if keep is not None and self._has_logits_to_keep:
             kwargs["logits_to_keep"] = keep
-        output = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                            past_key_values=past_key_values, use_cache=use_cache, **kwargs)
+        with unrouted(self.lm):  # contexts were routed as text (route()); the forward hook must not route again
+            output = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                past_key_values=past_key_values, use_cache=use_cache, **kwargs)
         if keep is not None and not self._has_logits_to_keep:
             output.logits = output.logits[:, -keep:] if isinstance(keep, int) else output.logits[:, keep]
         return output

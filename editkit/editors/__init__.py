@@ -30,11 +30,14 @@ _REGISTRY: dict[str, str] = {
     "memit": "editkit.editors.memit:MEMIT",
     "pmet": "editkit.editors.pmet:PMET",
     "alphaedit": "editkit.editors.alphaedit:AlphaEdit",
+    "emmet": "editkit.editors.emmet:EMMET",
+    "encore": "editkit.editors.encore:ENCORE",
     "kn": "editkit.editors.kn:KN",
     "grace": "editkit.editors.grace:GRACE",
     "ft": "editkit.editors.ft:FT",
     "mend": "editkit.editors.mend:MEND",
     "serac": "editkit.editors.serac:SERAC",
+    "ike": "editkit.editors.ike:IKE",
 }
 
 

@@ -15,11 +15,12 @@ rows of Δ lie in the range of P, so Δ k = 0 for every key in the retained subs
 order, untouched. ``L2`` is a ridge term; ``mom2_update_weight`` is accepted for
 published configs but, as in the reference, unused.
 
-The record of earlier keys lives on the editor: an edit's handle removes what the
-edit added, :meth:`AlphaEdit.reset` clears it, and it is saved with every run
-checkpoint (``state_dict``), so a resumed run continues exactly. It is stored as
-the keys themselves (``m x d_in`` per layer, float32) and ``K_p K_pᵀ`` is formed
-from them in float64 at each edit.
+The record of earlier keys lives on the editor (:class:`~editkit.editors.memit.KeyRecord`,
+shared with ENCORE): an edit's handle removes what the edit added,
+:meth:`AlphaEdit.reset` clears it, and it is saved with every run checkpoint
+(``state_dict``), so a resumed run continues exactly. It is stored as the keys
+themselves (``m x d_in`` per layer, float32) and ``K_p K_pᵀ`` is formed from them in
+float64 at each edit.
 
 Checked against jianghoucheng/AlphaEdit (``AlphaEdit/AlphaEdit_main.py``,
 ``hparams/AlphaEdit/{gpt2-xl,EleutherAI_gpt-j-6B,Llama3-8B}.json``). Deviations:
@@ -31,13 +32,11 @@ symmetric positive semi-definite matrix).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 
-from ..editing import EditHandle
-from ..types import EditRequest
-from .memit import MEMIT, MEMITParams
+from .memit import KeyRecord, MEMITParams
 
 if TYPE_CHECKING:
     from ..models import LoadedModel
@@ -61,7 +60,7 @@ class AlphaEditParams(MEMITParams):
             raise ValueError("nullspace_threshold must be positive and L2 non-negative")
 
 
-class AlphaEdit(MEMIT):
+class AlphaEdit(KeyRecord):
     """MEMIT whose updates are projected onto the null space of preserved keys."""
 
     name = "alphaedit"
@@ -71,7 +70,6 @@ class AlphaEdit(MEMIT):
     def __init__(self, lm: LoadedModel, params: AlphaEditParams) -> None:
         super().__init__(lm, params)
         self._projections: dict[int, torch.Tensor] = {}
-        self._edit_keys: dict[int, list[torch.Tensor]] = {layer: [] for layer in params.layers}
 
     def projection(self, layer: int) -> torch.Tensor:
         """``P`` at ``layer`` (float64): projector onto eigenvectors of C below the threshold."""
@@ -81,14 +79,6 @@ class AlphaEdit(MEMIT):
             self._projections[layer] = kept @ kept.T
         return self._projections[layer]
 
-    def earlier_keys(self, layer: int) -> torch.Tensor:
-        """Keys of every earlier edit at ``layer`` (``m x d_in``, float64; m may be 0)."""
-        rows = self._edit_keys[layer]
-        width = self.projection(layer).shape[0]
-        if not rows:
-            return torch.zeros(0, width, dtype=torch.float64, device=self.lm.device)
-        return torch.cat(rows).to(self.lm.device, torch.float64)
-
     def solve(self, index: int, layer: int, keys: torch.Tensor, residuals: torch.Tensor) -> torch.Tensor:
         projection = self.projection(layer)
         earlier = self.earlier_keys(layer)
@@ -96,30 +86,3 @@ class AlphaEdit(MEMIT):
         system = projection @ (keys.T @ keys + earlier.T @ earlier) + self.params.L2 * identity
         return torch.linalg.solve(system, projection @ keys.T @ residuals).T
 
-    def after_edit(self, requests: list[EditRequest], handle: EditHandle) -> None:
-        for layer in self.params.layers:
-            self._edit_keys[layer].append(self.mean_keys(requests, layer).float().cpu())
-        handle.add_undo(self._forget_last)
-
-    def _forget_last(self) -> None:
-        for rows in self._edit_keys.values():
-            if rows:
-                rows.pop()
-
-    def reset(self) -> None:
-        for rows in self._edit_keys.values():
-            rows.clear()
-
-    def state_dict(self) -> dict[str, Any]:
-        keys = {layer: torch.cat(rows) if rows else None for layer, rows in self._edit_keys.items()}
-        return {**super().state_dict(), "edit_keys": keys}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        super().load_state_dict(state)
-        saved = state.get("edit_keys") or {}
-        self._edit_keys = {layer: [] for layer in self.params.layers}
-        for layer, keys in saved.items():
-            if layer not in self._edit_keys:
-                raise ValueError(f"saved AlphaEdit state has keys for layer {layer}, not in layers {self.params.layers}")
-            if keys is not None:
-                self._edit_keys[layer].append(keys.float().cpu())

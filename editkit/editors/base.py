@@ -5,6 +5,16 @@ reference implementations' names, so a published ``hparams`` file maps one to on
 :class:`LocateEditor` owns the per-editor state those methods reuse across edits:
 the sampled context prefixes and the key second-moment statistics ``C`` of the
 edited layers. Both are computed once, lazily, and kept on the editor object.
+
+Every locate-then-edit editor also takes three options for lifelong editing, off by
+default (and then absent from :meth:`~editkit.config.Params.digest`, so earlier run
+ids stand): most-probable early stopping of the target optimisation
+(``prob_cutoff``, ENCORE's MPES, see :func:`editkit.locate.optimize_target_values`),
+RECT (``rect_top_k``) and PRUNE (``prune``, ``prune_alpha``), applied to every
+update as :meth:`LocateEditor._update_weight` writes it (see
+:mod:`editkit.editors.regularize`). The references apply RECT and PRUNE once all
+of an edit's layers are computed; here a later MEMIT layer sees the regularised
+earlier ones, so its residual makes up for what they dropped.
 """
 
 from __future__ import annotations
@@ -14,11 +24,13 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..config import Params
-from ..editing import Editor
+from ..config import Params, option
+from ..editing import EditHandle, Editor
+from ..hooks import get_parameter
 from ..locate import context_templates, subject_keys
 from ..stats import second_moments
 from ..types import EditRequest
+from .regularize import rect_sparsify, restrain_perturbation
 
 if TYPE_CHECKING:
     from ..models import LoadedModel
@@ -46,6 +58,13 @@ class LocateParams(Params):
     mom2_dtype: str = "float64"
     context_template_length_params: tuple[tuple[int, ...], ...] = ((5, 10), (10, 10))
     seed: int = 0
+    # Lifelong-editing options (off by default; see the module docstring). prob_cutoff < 0:
+    # MPES, stop the target optimisation at the |prob_cutoff|-th step on which the target is
+    # the most probable token everywhere; > 0: once its mean probability exceeds it (ENCORE).
+    prob_cutoff: float = option(0.0)
+    rect_top_k: float | None = option(None)   # RECT: fraction of update entries kept (paper: 0.2)
+    prune: bool = option(False)               # PRUNE: restrain the accumulated perturbation
+    prune_alpha: float = option(1.2)          # PRUNE's log base (the authors' default "log1_2")
 
     def __post_init__(self) -> None:
         if not self.layers:
@@ -58,11 +77,15 @@ class LocateParams(Params):
             raise ValueError("v_num_grad_steps, v_lr and clamp_norm_factor must be positive")
         if self.mom2_n_samples < 1:
             raise ValueError(f"mom2_n_samples must be positive, got {self.mom2_n_samples}")
+        if self.rect_top_k is not None and not 0 < self.rect_top_k <= 1:
+            raise ValueError(f"rect_top_k must be in (0, 1], got {self.rect_top_k}")
+        if self.prune_alpha <= 1:
+            raise ValueError(f"prune_alpha must exceed 1, got {self.prune_alpha}")
 
     def target_options(self) -> dict[str, Any]:
         """Keyword arguments of :func:`editkit.locate.optimize_target_values`."""
         return dict(v_lr=self.v_lr, v_num_grad_steps=self.v_num_grad_steps, v_weight_decay=self.v_weight_decay,
-                    clamp_norm_factor=self.clamp_norm_factor, kl_factor=self.kl_factor)
+                    clamp_norm_factor=self.clamp_norm_factor, kl_factor=self.kl_factor, prob_cutoff=self.prob_cutoff)
 
 
 def as_stored(lm: LoadedModel, delta_out_in: torch.Tensor) -> torch.Tensor:
@@ -82,6 +105,9 @@ class LocateEditor(Editor):
             raise ValueError(f"{self.name}: layers {bad} are out of range for {lm.name} ({lm.n_layers} layers)")
         self._prefixes: list[str] | None = None
         self._moments: dict[int, torch.Tensor] = {}
+        # PRUNE: each edited weight before this editor's first edit, and its largest singular value.
+        self._pristine: dict[str, torch.Tensor] = {}
+        self._bounds: dict[str, float] = {}
 
     @property
     def prefixes(self) -> list[str]:
@@ -117,6 +143,32 @@ class LocateEditor(Editor):
                                      seed=p.seed)
             self._moments.update({paths[path]: value.double() for path, value in moments.items()})
         return self._moments[layer].to(self.lm.device)
+
+    def _update_weight(self, handle: EditHandle, path: str, delta: torch.Tensor) -> None:
+        """Write ``delta`` as :meth:`Editor._update_weight` does, after RECT and followed by PRUNE when set."""
+        p = self.params
+        parameter = get_parameter(self.lm.model, path)
+        if p.rect_top_k is not None:
+            delta = rect_sparsify(delta, parameter, p.rect_top_k)
+        if p.prune and path not in self._pristine:
+            self._pristine[path] = parameter.detach().clone()
+        super()._update_weight(handle, path, delta)
+        if p.prune:
+            self._restrain(path)
+
+    def _restrain(self, path: str) -> None:
+        """PRUNE: replace the accumulated perturbation of ``path`` by its restrained version (rounded once)."""
+        original = self._pristine[path].double()
+        if path not in self._bounds:
+            self._bounds[path] = float(torch.linalg.matrix_norm(original, ord=2))
+        parameter = get_parameter(self.lm.model, path)
+        restrained = restrain_perturbation(parameter.double() - original, self._bounds[path], self.params.prune_alpha)
+        with torch.no_grad():
+            parameter.copy_((original + restrained).to(parameter.dtype))
+
+    def adopt_originals(self, originals: dict[str, torch.Tensor]) -> None:
+        if self.params.prune:
+            self._pristine.update({path: tensor.detach().clone() for path, tensor in originals.items()})
 
     def state_dict(self) -> dict[str, Any]:
         return {"prefixes": list(self.prefixes)}

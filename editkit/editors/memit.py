@@ -26,14 +26,16 @@ Checked against kmeng01/memit (``memit/memit_main.py``, ``compute_z.py``,
   (``((10, 5),)``: five 10-token texts, as the reference's ``[(10, 5)]``), not
   from the reference's five fixed opening words.
 
-PMET and AlphaEdit subclass :class:`MEMIT` and override the documented hooks
-(:meth:`MEMIT.optimize_targets`, :meth:`MEMIT.spread`, :meth:`MEMIT.solve`).
+PMET, AlphaEdit, EMMET and ENCORE subclass :class:`MEMIT` and override the documented
+hooks (:meth:`MEMIT.optimize_targets`, :meth:`MEMIT.spread`, :meth:`MEMIT.solve`);
+AlphaEdit and ENCORE also keep the keys of their earlier edits (:class:`KeyRecord`).
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -42,7 +44,10 @@ from ..locate import module_io_at_subject, optimize_target_value
 from ..types import EditRequest
 from .base import LocateEditor, LocateParams, as_stored
 
-__all__ = ["MEMIT", "MEMITParams"]
+if TYPE_CHECKING:
+    from ..models import LoadedModel
+
+__all__ = ["MEMIT", "MEMITParams", "KeyRecord"]
 
 log = logging.getLogger(__name__)
 
@@ -118,3 +123,55 @@ class MEMIT(LocateEditor):
         self.after_edit(requests, handle)
         for request, (target, losses) in zip(requests, found):
             handle.info.append({"case_id": request.case_id, "losses": losses, "delta_norms": norms, "target": target})
+
+
+class KeyRecord(MEMIT):
+    """MEMIT that remembers the keys of its earlier edits, per edit layer (AlphaEdit, ENCORE).
+
+    The keys are re-measured after each edit (``m x d_in`` per layer, float32, on the
+    CPU); an edit's handle removes what the edit added, :meth:`reset` clears them, and
+    they are saved with every run checkpoint (``state_dict``) so a resumed run
+    continues exactly.
+    """
+
+    def __init__(self, lm: LoadedModel, params: MEMITParams) -> None:
+        super().__init__(lm, params)
+        self._edit_keys: dict[int, list[torch.Tensor]] = {layer: [] for layer in params.layers}
+
+    def earlier_keys(self, layer: int) -> torch.Tensor:
+        """Keys of every earlier edit at ``layer`` (``m x d_in``, float64; m may be 0)."""
+        rows = self._edit_keys[layer]
+        if not rows:
+            weight = self.lm.model.get_parameter(self.weight_path_at(layer))
+            width = self.lm.adapter.as_out_in(weight).shape[1]
+            return torch.zeros(0, width, dtype=torch.float64, device=self.lm.device)
+        return torch.cat(rows).to(self.lm.device, torch.float64)
+
+    def after_edit(self, requests: list[EditRequest], handle: EditHandle) -> None:
+        for layer in self.params.layers:
+            self._edit_keys[layer].append(self.mean_keys(requests, layer).float().cpu())
+        handle.add_undo(self._forget_last)
+
+    def _forget_last(self) -> None:
+        for rows in self._edit_keys.values():
+            if rows:
+                rows.pop()
+
+    def reset(self) -> None:
+        for rows in self._edit_keys.values():
+            rows.clear()
+
+    def state_dict(self) -> dict[str, Any]:
+        keys = {layer: torch.cat(rows) if rows else None for layer, rows in self._edit_keys.items()}
+        return {**super().state_dict(), "edit_keys": keys}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        saved = state.get("edit_keys") or {}
+        self._edit_keys = {layer: [] for layer in self.params.layers}
+        for layer, keys in saved.items():
+            if layer not in self._edit_keys:
+                raise ValueError(f"saved {self.name} state has keys for layer {layer}, "
+                                 f"not in layers {self.params.layers}")
+            if keys is not None:
+                self._edit_keys[layer].append(keys.float().cpu())

@@ -20,8 +20,9 @@ cache across items, so a forward hook would only ever see part of an input. SERA
 therefore routes whole *contexts*: it installs itself in the model's
 ``context_routers`` (see :class:`editkit.models.LoadedModel`), and the engine asks it
 to rewrite each context before running the model. Every benchmark, edit metric and
-generation of a run goes through that path; a direct ``lm.model(...)`` call does not
-see SERAC.
+generation of a run goes through that path. A direct ``lm.model(...)`` call sees SERAC
+too, through the forward hook of :mod:`editkit.routing` (not ``model.generate``, which
+raises and names the engine's generation).
 
 The counterfactual model is the base model conditioned on the retrieved edit: the
 context becomes ``template.format(edit=e*, input=x)`` (default ``"{edit}\\n{input}"``).
@@ -64,6 +65,7 @@ from torch import nn
 from ..config import Params
 from ..editing import EditHandle, Editor
 from ..models import LoadedModel, ModelNotAvailableError
+from ..routing import add_router, remove_router
 from ..training import ArtifactKey, Trainable, data_digest, load_artifact, train_command
 from ..types import EditRequest
 
@@ -132,6 +134,17 @@ def load_encoder(name: str, device: torch.device | str = "cpu") -> tuple[nn.Modu
     return model.to(device).eval(), tokenizer
 
 
+def sentence_embeddings(encoder: nn.Module, tokenizer: Any, texts: Sequence[str], max_length: int) -> torch.Tensor:
+    """Mean-pooled, L2-normalised encoder states of ``texts`` (the sentence-transformers convention)."""
+    device = next(encoder.parameters()).device
+    batch = tokenizer(list(texts), padding=True, truncation=True, max_length=max_length,
+                      return_tensors="pt").to(device)
+    states = encoder(**batch).last_hidden_state
+    mask = batch["attention_mask"].unsqueeze(-1).to(states.dtype)
+    pooled = (states * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+    return nn.functional.normalize(pooled.float(), dim=-1)
+
+
 class ScopeClassifier(nn.Module):
     """g(e, x) = sigmoid(b − s·|emb(e) − emb(x)|²) over normalised mean-pooled encoder states."""
 
@@ -148,12 +161,7 @@ class ScopeClassifier(nn.Module):
         return self.bias.device
 
     def embed(self, texts: Sequence[str]) -> torch.Tensor:
-        batch = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_length,
-                               return_tensors="pt").to(self.device)
-        states = self.encoder(**batch).last_hidden_state
-        mask = batch["attention_mask"].unsqueeze(-1).to(states.dtype)
-        pooled = (states * mask).sum(1) / mask.sum(1).clamp(min=1.0)
-        return nn.functional.normalize(pooled.float(), dim=-1)
+        return sentence_embeddings(self.encoder, self.tokenizer, texts, self.max_length)
 
     def logits(self, queries: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
         """Scope logits, queries (Q x d) against memory (M x d) -> Q x M."""
@@ -237,11 +245,10 @@ class SERAC(Editor):
                 for context, p, i in zip(contexts, probability.tolist(), index.tolist())]
 
     def _install(self) -> None:
-        if not any(router is self for router in self.lm.context_routers):
-            self.lm.context_routers.append(self)
+        add_router(self.lm, self)
 
     def _uninstall(self) -> None:
-        self.lm.context_routers[:] = [router for router in self.lm.context_routers if router is not self]
+        remove_router(self.lm, self)
 
     def _set_memory(self, texts: list[str], ids: list[int]) -> None:
         self.memory.texts, self.memory.ids = texts, ids
