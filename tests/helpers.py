@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from editkit.benchmarks import Engine
+from editkit.locate import module_io_at_subject
 from editkit.tokens import target_text
 
 
@@ -35,3 +36,25 @@ def count_checkpoints(monkeypatch) -> list[int]:
 
     monkeypatch.setattr(protocol.CheckpointProtocol, "measure", wrapped)
     return calls
+
+
+def weight_out_in(lm, editor, layer: int) -> torch.Tensor:
+    """A float64 copy of the weight ``editor`` edits at ``layer``, in ``out x in`` orientation."""
+    return lm.adapter.as_out_in(lm.model.get_parameter(editor.weight_path_at(layer))).detach().double().clone()
+
+
+def edit_one_layer(lm, editor, requests, layer: int = 1):
+    """Edit ``requests`` with a one-layer MEMIT-family editor; returns (keys, residuals, delta, handle).
+
+    ``keys`` (n x d_in) are read before the edit, ``residuals`` (n x d_out) are each
+    request's target minus the layer's output before the edit, and ``delta`` is the
+    written update (out x in), all float64. The caller restores ``handle``.
+    """
+    keys = editor.mean_keys(requests, layer).double()
+    current = torch.stack([module_io_at_subject(lm, editor.residual_path(), r.prompt, r.subject)[1]
+                           for r in requests]).double()
+    before = weight_out_in(lm, editor, layer)
+    handle = editor.edit(requests)
+    delta = weight_out_in(lm, editor, layer) - before
+    residuals = torch.stack([info["target"] for info in handle.info]).double() - current
+    return keys, residuals, delta, handle

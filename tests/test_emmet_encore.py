@@ -16,8 +16,9 @@ from editkit.editors.memit import MEMITParams
 from editkit.editors.pmet import PMETParams
 from editkit.editors.regularize import prune_restraint, rect_sparsify, restrain_perturbation
 from editkit.editors.rome import ROMEParams, RROMEParams
-from editkit.locate import module_io_at_subject, optimize_target_value
+from editkit.locate import optimize_target_value
 from editkit.types import EditRequest
+from tests.helpers import edit_one_layer, weight_out_in
 
 FAST = dict(v_num_grad_steps=8, context_template_length_params=[[5, 2]], mom2_n_samples=16)
 REQUESTS = [
@@ -27,10 +28,6 @@ REQUESTS = [
 ]
 
 pytestmark = pytest.mark.usefixtures("session_cache", "one_torch_thread")
-
-
-def weight_out_in(lm, editor, layer: int) -> torch.Tensor:
-    return lm.adapter.as_out_in(lm.model.get_parameter(editor.weight_path_at(layer))).detach().double().clone()
 
 
 def relative(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -64,13 +61,7 @@ def test_emmet_batch_meets_the_equality_constraint(make_tiny, model_type):
     """With emmet_lambda = 0, Δ K = R exactly for each request (MEMIT only approximately)."""
     lm = make_tiny(model_type)
     editor = editkit.get_editor("emmet", lm, layers=[1], emmet_lambda=0.0, mom2_update_weight=1.0, **FAST)
-    keys = editor.mean_keys(REQUESTS, 1).double()
-    current = torch.stack([module_io_at_subject(lm, editor.residual_path(), r.prompt, r.subject)[1]
-                           for r in REQUESTS]).double()
-    before = weight_out_in(lm, editor, 1)
-    handle = editor.edit(REQUESTS)
-    delta = weight_out_in(lm, editor, 1) - before
-    residuals = torch.stack([info["target"] for info in handle.info]).double() - current
+    keys, residuals, delta, handle = edit_one_layer(lm, editor, REQUESTS)
     handle.restore()
     assert relative(delta @ keys.T, residuals.T) < 1e-4
     memit = editkit.get_editor("memit", lm, layers=[1], mom2_update_weight=1.0, **FAST)

@@ -10,8 +10,8 @@ from editkit.editing import EditSession
 from editkit.editors.alphaedit import AlphaEditParams
 from editkit.editors.memit import MEMITParams
 from editkit.editors.pmet import PMETParams
-from editkit.locate import module_io_at_subject
 from editkit.types import EditRequest
+from tests.helpers import edit_one_layer, weight_out_in
 
 FAST = dict(v_num_grad_steps=8, context_template_length_params=[[5, 2]], mom2_n_samples=16)
 REQUESTS = [
@@ -26,23 +26,13 @@ def _cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("EDITKIT_CACHE", str(tmp_path_factory.getbasetemp() / "editkit-cache"))
 
 
-def weight_out_in(lm, editor, layer: int) -> torch.Tensor:
-    return lm.adapter.as_out_in(lm.model.get_parameter(editor.weight_path_at(layer))).detach().double().clone()
-
-
 @pytest.mark.parametrize("model_type", ["llama", "gpt2"])
 def test_memit_single_layer_satisfies_normal_equations(make_tiny, model_type):
     """Δ (K Kᵀ + λ C) = R Kᵀ for the update MEMIT writes (one layer, two requests)."""
     lm = make_tiny(model_type)
     editor = editkit.get_editor("memit", lm, layers=[1], mom2_update_weight=3.0, **FAST)
     batch = REQUESTS[:2]
-    keys = editor.mean_keys(batch, 1).double()                       # n x d_in, before the edit
-    current = torch.stack([module_io_at_subject(lm, editor.residual_path(), r.prompt, r.subject)[1]
-                           for r in batch]).double()
-    before = weight_out_in(lm, editor, 1)
-    handle = editor.edit(batch)
-    delta = weight_out_in(lm, editor, 1) - before
-    residuals = torch.stack([info["target"] for info in handle.info]).double() - current
+    keys, residuals, delta, handle = edit_one_layer(lm, editor, batch)
     lhs = delta @ (keys.T @ keys + 3.0 * editor.second_moment(1))
     rhs = residuals.T @ keys
     assert float((lhs - rhs).norm() / rhs.norm()) < 1e-4
