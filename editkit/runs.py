@@ -184,6 +184,8 @@ def _cell_store(config: StudyConfig, cell: Cell, infos: dict[tuple, ModelInfo]) 
 def _is_done(config: StudyConfig, cell: Cell, infos: dict[tuple, ModelInfo]) -> bool:
     """Every checkpoint of ``cell`` is saved and passes verification (nothing to run, no model to load)."""
     store = _cell_store(config, cell, infos)
-    if store is None or not store.folder.is_dir():
+    wanted = set(cell.checkpoints())
+    # Hash the files only when every checkpoint's folder is there: a pending cell costs a listing.
+    if store is None or not store.folder.is_dir() or not wanted <= set(store.present()):
         return False
-    return set(cell.checkpoints()) <= set(store.verified())
+    return wanted <= set(store.verified())
