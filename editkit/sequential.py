@@ -131,7 +131,10 @@ class SequentialRun:
 
     def health(self) -> list[dict[str, Any]]:
         """:func:`~editkit.health.health_rows` of the model as it is now: held-out perplexity, changed weights."""
-        heldout = score_texts(self.lm, self.heldout, batch_size=self._text_batch_size())
+        if self.position == 0 and self.baseline is not None:
+            heldout = self.baseline  # no edit yet: the unedited model's scores, measured once
+        else:
+            heldout = score_texts(self.lm, self.heldout, batch_size=self._text_batch_size())
         weights = weight_health(self.lm, self.session.pristine) if self.session.touched else []
         return health_rows(heldout, weights, self.baseline)
 
@@ -313,12 +316,13 @@ def _run_checkpoints(run: SequentialRun, on_checkpoint: Callable[[int, str], Non
             store.set_aside(n, problems)
         else:
             finished.append(n)
-    reference = run.reference()
     if 0 in cell.checkpoints() and 0 not in finished and _adopt_unedited(run):
         finished.append(0)
         if on_checkpoint is not None:
             on_checkpoint(0, run.run_id)
     todo = [n for n in cell.checkpoints() if n not in finished]
+    # The unedited continuations are only read once an edit is measured.
+    reference = run.reference() if any(n > 0 for n in todo) else []
     if todo:
         run.measure_baseline()
     bar = tqdm(total=cell.study.n_edits, desc=f"{cell.model} · {cell.method} edits", disable=not run.progress,

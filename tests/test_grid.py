@@ -223,7 +223,8 @@ def test_malformed_records_stop_the_study_unless_skipped(make_tiny, tmp_path):
     from editkit.types import InvalidRequestError
 
     values = dict(model="tiny", datasets=["zsre"], n_edits=55, checkpoints=[0], tasks=["mmlu_cloze"], limit=1,
-                  n_generation_examples=1, editor_overrides={"rome": {"layers": [1]}}, results_dir=str(tmp_path))
+                  n_generation_examples=1, max_new_tokens=2, results_dir=str(tmp_path),
+                  editor_overrides={"rome": {"layers": [1], **FAST_ROME}})  # the 55 edits run: keep them cheap
     lm = make_tiny("llama")
     with pytest.raises(InvalidRequestError, match="54"):
         run_study(StudyConfig.from_dict(values), progress=False, lm=lm)

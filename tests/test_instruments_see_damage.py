@@ -1,8 +1,8 @@
 """The instruments see what editing does to the embedded model (issue: instruments that see the damage).
 
 Ten sequential CounterFact edits on SmolLM2-135M-Instruct, measured on the default
-panel's first task (cloze CommonsenseQA, fewer items than the panel's 350 to keep the
-suite quick) with paired deltas and health:
+panel's first task (cloze CommonsenseQA, 48 items rather than the panel's 350, and short
+generations, to keep the suite quick) with paired deltas and health:
 
 * Knowledge Neurons breaks the model: a significant paired drop and a perplexity rise.
 * GRACE keeps its edits in a codebook that fires only near edited keys: no significant
@@ -24,7 +24,8 @@ def ten_edits(smollm2, tmp_path_factory):
     root = tmp_path_factory.mktemp("damage")
     config = StudyConfig.from_dict(dict(
         models=["smollm2-135m-instruct"], methods=["kn", "grace"], n_edits=10, checkpoints=[0, 10],
-        tasks=[DEFAULT_TASKS[0]], limit=80, heldout_chunks=8, n_generation_examples=1, results_dir=str(root)))
+        tasks=[DEFAULT_TASKS[0]], limit=48, heldout_chunks=4, max_new_tokens=8, n_generation_examples=1,
+        results_dir=str(root)))
     return run_study(config, progress=False, lm=smollm2)
 
 

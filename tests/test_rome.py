@@ -73,10 +73,10 @@ def test_mom2_adjustment_whitens_with_second_moment(make_tiny, tmp_path, monkeyp
 
 
 def test_rome_raises_target_probability_on_smollm2(smollm2):
-    """Real model, published hyperparameters: P(new) rises and beats P(true) on CounterFact cases."""
+    """Real model, published hyperparameters: P(new) rises and beats P(true) on a CounterFact case."""
     editor = editkit.get_editor("rome", smollm2)
     original = snapshot(smollm2)
-    for request in load_counterfact("edit", 2):
+    for request in load_counterfact("edit", 1):
         before = target_logprob(smollm2, request.prompt, request.target_new)
         handle = editor.edit(request)
         after_new = target_logprob(smollm2, request.prompt, request.target_new)

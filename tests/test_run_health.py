@@ -18,12 +18,18 @@ def _summary(health, n):
     return dict(zip(rows["metric"], rows["value"]))
 
 
-def test_every_checkpoint_records_heldout_perplexity_and_changed_weights(make_tiny, tmp_path):
+def test_every_checkpoint_records_heldout_perplexity_and_changed_weights(make_tiny, tmp_path, monkeypatch):
+    import editkit.sequential
+
     lm = make_tiny("llama")
+    scored = []
+    real = editkit.sequential.score_texts
+    monkeypatch.setattr(editkit.sequential, "score_texts", lambda *a, **k: scored.append(1) or real(*a, **k))
     result = run_study(tiny_config(tmp_path, n_edits=2, checkpoints=[0, 1, 2], heldout_chunks=4), progress=False, lm=lm)
     health = result.health
     assert {"model", "method", "n_edits", "metric", "value", "parameter"} <= set(health.columns)
     assert sorted(health["n_edits"].unique()) == [0, 1, 2]
+    assert len(scored) == 3, "the baseline, then checkpoints 1 and 2: checkpoint 0 reuses the baseline"
     before, one, two = (_summary(health, n) for n in (0, 1, 2))
     assert before["heldout_ppl_ratio"] == 1.0, "the baseline is the unedited model's own perplexity"
     ratio = health[(health["n_edits"] == 0) & (health["metric"] == "heldout_ppl_ratio")].iloc[0]
