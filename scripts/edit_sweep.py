@@ -37,6 +37,7 @@ def sweep(model: str, editor_name: str, layers: list[int] | None, n: int,
         chosen = {} if layer is None else {"layers": [layer]}
         editor = editkit.get_editor(editor_name, lm, **chosen, **(overrides or {}))
         getattr(editor, "prefixes", None)  # sample context templates once, outside the timings
+        getattr(editor, "prepare", lambda: None)()  # UltraEdit's warm-up statistics, outside them too
         for request, ref in tqdm(list(zip(requests, reference)), desc=f"{editor_name} layer {layer}"):
             started = time.perf_counter()
             handle = editor.edit(request)

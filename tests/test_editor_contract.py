@@ -62,6 +62,11 @@ FAST: dict[str, dict] = {
               "checkpoint_every": 2},
     # Four demonstrations from 64 train records keep IKE's prompts inside the tiny models' 256 positions.
     "ike": {"k": 4, "train_records": 64},
+    "ultraedit": {"modules": ["1:mlp_in", "2:mlp_out"], "lr": 1e-3},
+    # One context, 8 records for the irrelevant row; margins scaled to a width-32 model's activation
+    # distances (~0.03 after 10 steps at edit_lr 10, against ~40 on SmolLM2 at the published values).
+    "wise": {"layers": [1], "n_iter": 10, "template_lengths": [], "loc_records": 8, "edit_lr": 10.0,
+             "alpha": 0.001, "beta": 0.01, "gamma": 0.005},
 }
 # On SmolLM2 the packaged per-model defaults apply, with fewer optimisation steps.
 FAST_SMOLLM2: dict[str, dict] = {
@@ -77,6 +82,8 @@ FAST_SMOLLM2: dict[str, dict] = {
     "grace": {"n_iter": 10},
     "serac": {"steps": 2, "batch_size": 4, "train_records": 8, "val_records": 4, "checkpoint_every": 2},
     "ike": {"train_records": 500},  # the packaged k = 16, drawn from the first 500 train records
+    "wise": {"n_iter": 12, "template_lengths": [], "loc_records": 8},
+    "ultraedit": {"warmup_records": 8},  # the packaged modules and lr; statistics seeded by 8 records, not 50
     # Two training steps (published edit_lr 1e-4) already raise log P(new) by about 2 nats here.
     "mend": {"accumulate_bs": 2, "max_iters": 4, "train_records": 8, "val_records": 2,
              "checkpoint_every": 2},

@@ -11,7 +11,8 @@ from safetensors.torch import load_file
 import editkit
 import editkit.editors.trainer
 from editkit.editors import resolve_params
-from editkit.editors.mend import MEND, MENDNet, MENDParams, MENDTrainable, _low_rank_hook, _Pass, _token_factors
+from editkit.editors.gradients import TargetPass, token_factors
+from editkit.editors.mend import MEND, MENDNet, MENDParams, MENDTrainable, _low_rank_hook
 from editkit.editors.trainer import train_editor
 from editkit.training import ArtifactError, MissingArtifactError, fit, training_data
 from editkit.types import EditRequest
@@ -51,7 +52,7 @@ def test_untrained_network_makes_a_plain_gradient_step(make_tiny, model_type):
     assert len(editor.module_paths) == (9 if model_type in ("llama", "qwen3", "gemma2") else 6)
     weights = [lm.model.get_parameter(f"{p}.weight") for p in editor.module_paths]
     # autograd's gradient of the same loss: mean NLL over every target token of both requests.
-    batch, queries, labels = _Pass(), [], []
+    batch, queries, labels = TargetPass(), [], []
     for request in REQUESTS:
         rows, answer = batch.add_target(lm.tokenizer, request.prompt, request.target_new)
         queries += rows
@@ -83,9 +84,9 @@ def test_training_hook_equals_the_weight_update(make_tiny, model_type):
         for name, p in editor.net.named_parameters():
             if name.endswith(".up"):
                 p.normal_(0, 0.1)
-    probe = _Pass()
+    probe = TargetPass()
     probe.add_target(lm.tokenizer, "The Eiffel Tower is in", "Paris")
-    factors, _, _ = _token_factors(lm, editor.module_paths, [REQUESTS])
+    factors, _, _ = token_factors(lm, editor.module_paths, [REQUESTS])
     with torch.no_grad():
         per_path = [[editor.net.factors(i, u, d)] for i, (u, d, _) in enumerate(factors)]
         hooks = [(path, _low_rank_hook(f, [(0, 1)])) for path, f in zip(editor.module_paths, per_path)]

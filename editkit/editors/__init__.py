@@ -38,6 +38,8 @@ _REGISTRY: dict[str, str] = {
     "mend": "editkit.editors.mend:MEND",
     "serac": "editkit.editors.serac:SERAC",
     "ike": "editkit.editors.ike:IKE",
+    "wise": "editkit.editors.wise:WISE",
+    "ultraedit": "editkit.editors.ultraedit:UltraEdit",
 }
 
 

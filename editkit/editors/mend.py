@@ -81,12 +81,12 @@ import torch
 from torch import nn
 
 from ..editing import EditHandle, Editor
-from ..hooks import forward_hooks, inputs_only_at
 from ..losses import group_mean, target_nll
-from ..tokens import encode, encode_pair, pad_batch, target_text
+from ..tokens import encode, target_text
 from ..training import ArtifactKey, Trainable, data_digest, load_artifact, train_command
 from ..types import EditRequest
 from .base import as_stored
+from .gradients import TargetPass, token_factors
 from .mend_net import (  # noqa: F401  (the building blocks of g are re-exported)
     GradientTransform,
     LowRankMLP,
@@ -105,48 +105,6 @@ __all__ = ["MEND", "MENDParams", "MENDNet", "MENDTrainable", "edited_modules"]
 log = logging.getLogger(__name__)
 
 
-# -- forward passes -----------------------------------------------------------------
-
-
-class _Pass:
-    """Rows of one forward pass and the (row, position) pairs whose next-token log-probs are read."""
-
-    def __init__(self) -> None:
-        self.rows: list[list[int]] = []
-        self.queries: list[tuple[int, int]] = []
-
-    def add(self, ids: list[int], positions: Sequence[int]) -> range:
-        """Append a row; returns the indices of its queries."""
-        start = len(self.queries)
-        self.queries.extend((len(self.rows), p) for p in positions)
-        self.rows.append(ids)
-        return range(start, len(self.queries))
-
-    def add_target(self, tokenizer: Any, prompt: str, target: str) -> tuple[range, list[int]]:
-        """A teacher-forced row for ``target`` after ``prompt``: its queries and their labels."""
-        context, answer = encode_pair(tokenizer, prompt, target_text(target))
-        if not answer:
-            raise ValueError(f"target {target!r} has no tokens after prompt {prompt!r}")
-        ids = context + answer[:-1]
-        return self.add(ids, range(len(context) - 1, len(ids))), answer
-
-    def logits(self, lm: LoadedModel, hooks: Sequence = ()) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logits (queries x vocab, float32) and the attention mask of the padded batch."""
-        device = lm.device
-        ids, mask = pad_batch(self.rows, lm.tokenizer.pad_token_id)
-        ids, mask = torch.tensor(ids, device=device), torch.tensor(mask, device=device)
-        rows = torch.tensor([r for r, _ in self.queries], device=device)
-        positions = torch.tensor([p for _, p in self.queries], device=device)
-        with inputs_only_at(lm.model, lm.adapter.path("unembed"), rows, positions), forward_hooks(lm.model, hooks):
-            logits = lm.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-        return logits[0].float(), mask
-
-    def log_probs(self, lm: LoadedModel, hooks: Sequence = ()) -> tuple[torch.Tensor, torch.Tensor]:
-        """Log-probabilities (queries x vocab, float32) and the attention mask of the padded batch."""
-        logits, mask = self.logits(lm, hooks)
-        return logits.log_softmax(-1), mask
-
-
 @dataclass
 class _Edit:
     """Requests edited together, with the texts the training losses read."""
@@ -161,75 +119,6 @@ def _locality_text(request: EditRequest, fallback: EditRequest) -> str:
         answer = request.locality_answers[0] if request.locality_answers else ""
         return request.locality_prompts[0] + (target_text(answer) if answer else "")
     return fallback.prompt + (target_text(fallback.target_true) if fallback.target_true else "")
-
-
-def _token_factors(lm: LoadedModel, paths: Sequence[str], edits: Sequence[list[EditRequest]], extra: Sequence[str] = ()
-                   ) -> tuple[list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], list[torch.Tensor], Any]:
-    """u and δ at every edited module for each edit's teacher-forced NLL, from one pass of the current model.
-
-    Each edit's loss is the mean NLL over its target tokens; their sum is backpropagated
-    to the modules' outputs (rows do not interact, so each edit's δ is its own gradient).
-    ``extra`` texts run in the same pass for their log-probabilities at every position.
-
-    Returns:
-        per path ``(u, δ, edit)`` (tokens x in, tokens x out, the edit of each token;
-        detached), per edit the per-request NLLs, and the log-probs of the ``extra``
-        rows (their queries in row order) or None.
-    """
-    tokenizer, device = lm.tokenizer, lm.device
-    batch = _Pass()
-    queries, labels, query_edit, query_request = [], [], [], []
-    row_edit = []
-    for e, requests in enumerate(edits):
-        for request in requests:
-            rows, answer = batch.add_target(tokenizer, request.prompt, request.target_new)
-            queries.extend(rows)
-            labels.extend(answer)
-            query_edit.extend([e] * len(rows))
-            query_request.extend([len(row_edit)] * len(rows))
-            row_edit.append(e)
-    n_edit_rows = len(batch.rows)
-    for ids in (encode(tokenizer, text) for text in extra):
-        batch.add(ids, range(len(ids)))
-    store: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def capture(path: str):
-        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-            # Adding a zero leaf that wants a gradient puts the output on the tape (the
-            # model's own weights do not require grad); the values are unchanged.
-            tracked = output + output.new_zeros(()).requires_grad_()
-            store[path] = (args[0].detach(), tracked)
-            return tracked
-
-        return hook
-
-    with torch.enable_grad():
-        logits, mask = batch.logits(lm, [(p, capture(p)) for p in paths])
-        target_logits = logits[torch.tensor(queries, device=device)]
-        label_ids = torch.tensor(labels, device=device)
-        edit_of_query = torch.tensor(query_edit, device=device)
-        loss = target_nll(target_logits, label_ids, groups=edit_of_query, n_groups=len(edits)).sum()
-        deltas = torch.autograd.grad(loss, [store[p][1] for p in paths])
-    request_of_query = torch.tensor(query_request, device=device)
-    request_nll = target_nll(target_logits.detach(), label_ids, groups=request_of_query, n_groups=n_edit_rows)
-    real = mask[:n_edit_rows].bool()
-    token_edit = torch.tensor(row_edit, device=device)[:, None].expand_as(real)[real]
-    factors = []
-    for path, delta in zip(paths, deltas):
-        n_rows = mask.shape[0]
-        u = store[path][0].reshape(n_rows, -1, store[path][0].shape[-1])[:n_edit_rows][real]
-        d = delta.reshape(n_rows, -1, delta.shape[-1])[:n_edit_rows][real]
-        # Tokens where u or δ is zero add nothing to the gradient; as the reference, they
-        # are left out (of the statistics too). In the last block δ is zero away from the
-        # positions a loss reads, so the kept tokens differ from module to module.
-        keep = (u != 0).any(-1) & (d != 0).any(-1)
-        factors.append((u[keep], d[keep], token_edit[keep]))
-    per_edit, start = [], 0
-    for requests in edits:
-        per_edit.append(request_nll[start:start + len(requests)])
-        start += len(requests)
-    extra_lp = logits[len(queries):].detach().log_softmax(-1) if extra else None
-    return factors, per_edit, extra_lp
 
 
 def _low_rank_hook(factors: list[tuple[torch.Tensor, torch.Tensor]], bounds: list[tuple[int, int]]):
@@ -284,13 +173,13 @@ class MENDTrainable(Trainable):
         """Per edit: NLL before, NLL and accuracy after (outer prompts), locality KL."""
         lm, device = self.lm, self.lm.device
         locality = [text for edit in edits for text in edit.locality]
-        factors, nll_before, base_lp = _token_factors(lm, self.paths, [e.requests for e in edits], locality)
+        factors, nll_before, base_lp = token_factors(lm, self.paths, [e.requests for e in edits], locality)
         per_path = []
         for index, (u, d, token_edit) in enumerate(factors):
             u_tilde, d_tilde = self.module.factors(index, u, d)
             per_path.append([(u_tilde[token_edit == e], d_tilde[token_edit == e]) for e in range(len(edits))])
 
-        batch, bounds = _Pass(), []
+        batch, bounds = TargetPass(), []
         target_q, labels, target_edit, loc_q, loc_edit = [], [], [], [], []
         for e, edit in enumerate(edits):
             start = len(batch.rows)
@@ -382,7 +271,7 @@ class MEND(Editor):
 
     def _apply(self, requests: list[EditRequest], handle: EditHandle) -> None:
         self.net.eval()
-        factors, nll, _ = _token_factors(self.lm, self.module_paths, [requests])
+        factors, nll, _ = token_factors(self.lm, self.module_paths, [requests])
         squares = 0.0
         with torch.no_grad():
             for index, (path, (u, d, _)) in enumerate(zip(self.module_paths, factors)):
