@@ -106,7 +106,15 @@ MIN_GAIN = {"serac": 0.25, "ike": 0.05}
 # counterfactual model is the random model itself, and so is IKE's reader. Their rise is checked on SmolLM2
 # (test_smollm2_target_rises_and_restores).
 RISES_ON_TINY = {"ft", "grace", "mend"}
-EDITORS = editkit.list_editors()
+# The lifelong-editing options of the locate-then-edit editors, held to the same contract as
+# options of MEMIT ("<editor>+<option>"): RECT keeps the top 20% of each update's entries (the
+# paper's value), PRUNE restrains the accumulated perturbation (the authors' alpha 1.2).
+OPTIONS = {"memit+rect": {"rect_top_k": 0.2}, "memit+prune": {"prune": True, "prune_alpha": 1.2}}
+for _variant, _options in OPTIONS.items():
+    _base = _variant.split("+")[0]
+    FAST[_variant] = {**FAST[_base], **_options}
+    FAST_SMOLLM2[_variant] = {**FAST_SMOLLM2[_base], **_options}
+EDITORS = editkit.list_editors() + list(OPTIONS)
 PROBE = "The capital of France is"
 
 
@@ -118,7 +126,9 @@ def test_every_editor_has_fast_settings():
 
 
 def build(name: str, lm, overrides: dict):
-    """The editor, after training its learned part into the test cache if it has one (once per settings)."""
+    """The editor (``memit+rect``: MEMIT with the option), after training its learned part into the
+    test cache if it has one (once per settings)."""
+    name = name.split("+")[0]
     if getattr(editor_class(name), "needs_training", False):
         train_editor(name, lm, progress=False, **overrides)
     return editkit.get_editor(name, lm, **overrides)

@@ -9,6 +9,7 @@ import torch
 
 import editkit
 from editkit.editing import EditSession
+from editkit.hooks import get_parameter
 from editkit.editors.alphaedit import AlphaEditParams
 from editkit.editors.emmet import EMMETParams
 from editkit.editors.encore import ENCOREParams
@@ -207,6 +208,35 @@ def test_prune_restrains_the_accumulated_perturbation(make_tiny):
     unrestrained.apply(REQUESTS[2])
     assert float(restrained[0]) < float(torch.linalg.svdvals(weight_out_in(lm, raw_editor, 1) - original)[0])
     unrestrained.restore()
+
+
+def test_prune_resumed_from_saved_weights_restrains_as_if_it_never_stopped(make_tiny):
+    """A run resumed from a checkpoint's weights restrains W − W0 against the unedited W0 (told by
+    ``adopt_originals``), not against the saved weights: its next edit equals the uninterrupted one."""
+    lm = make_tiny("llama")
+    options = dict(layers=[1], mom2_update_weight=1e-3, clamp_norm_factor=100.0, prune=True, prune_alpha=10.0, **FAST)
+    straight = EditSession(editkit.get_editor("memit", lm, **options))
+    straight.apply(REQUESTS[:2])
+    saved, state = straight.edited_state(), straight.editor.state_dict()
+    straight.apply(REQUESTS[2])
+    expected = {path: value.clone() for path, value in straight.edited_state().items()}
+    straight.restore()
+
+    resumed = EditSession(editkit.get_editor("memit", lm, **options))
+    resumed.load_edited_state(saved)
+    resumed.editor.load_state_dict(state)
+    resumed.apply(REQUESTS[2])
+    for path, value in expected.items():
+        assert torch.allclose(resumed.edited_state()[path], value, rtol=0, atol=1e-6), path
+    # Restrained against the saved weights instead, the perturbation would be the last edit's alone.
+    against_saved = EditSession(editkit.get_editor("memit", lm, **options))
+    with torch.no_grad():
+        for path, value in saved.items():
+            get_parameter(lm.model, path).copy_(value)
+    against_saved.apply(REQUESTS[2])
+    assert any(not torch.allclose(against_saved.edited_state()[p], v, rtol=0, atol=1e-6) for p, v in expected.items())
+    against_saved.restore()
+    resumed.restore()
 
 
 # -- parameters ---------------------------------------------------------------------------------
