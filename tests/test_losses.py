@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 import editkit
 import editkit.editors.ft
+import editkit.editors.gradients
 import editkit.editors.grace
 import editkit.editors.mend
 import editkit.locate
@@ -170,7 +171,7 @@ def test_target_value_loss_is_the_shared_nll(make_tiny, monkeypatch):
 
 def test_mend_loss_is_the_shared_nll(make_tiny, monkeypatch):
     lm = make_tiny("gpt2")
-    spy = Spy(monkeypatch, editkit.editors.mend)
+    spy = Spy(monkeypatch, editkit.editors.gradients)  # MEND's edit reads u and δ through the shared pass
     params = resolve_params("mend", lm, rank=8, edit_lr=1e-2)
     handle = MEND(lm, params, net=MENDNet.for_model(lm, params)).edit(REQUESTS)
     handle.restore()

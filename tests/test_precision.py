@@ -24,7 +24,7 @@ pytestmark = pytest.mark.usefixtures("session_cache", "one_torch_thread")
 EDITORS = editkit.list_editors()
 HALF = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 # Editors that change weights (the others act through hooks or routing and keep every weight).
-WEIGHT_EDITORS = set(EDITORS) - {"grace", "serac", "ike"}
+WEIGHT_EDITORS = set(EDITORS) - {"grace", "serac", "ike", "wise"}
 
 
 @pytest.fixture(scope="module")
