@@ -127,7 +127,7 @@ class UltraEdit(Editor):
         super().__init__(lm, params)
         self.paths = module_paths(lm, params.modules)
         self.shapes = [self._shape(path) for path in self.paths]  # (in, out)
-        self.moments = {shape: RunningMoments(shape[0] + shape[1]) for shape in dict.fromkeys(self.shapes)}
+        self.moments = {shape: RunningMoments(sum(shape)).to(lm.device) for shape in dict.fromkeys(self.shapes)}
         self._warm = params.warmup_records == 0
 
     def _shape(self, path: str) -> tuple[int, int]:
