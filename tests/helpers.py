@@ -58,3 +58,26 @@ def edit_one_layer(lm, editor, requests, layer: int = 1):
     delta = weight_out_in(lm, editor, layer) - before
     residuals = torch.stack([info["target"] for info in handle.info]).double() - current
     return keys, residuals, delta, handle
+
+
+def resume_against_straight(build, earlier, later):
+    """Apply ``earlier`` then ``later`` in one session, and ``later`` in a second session resumed
+    from the first one's saved weights and editor state after ``earlier``.
+
+    ``build()`` makes a fresh editor. Returns the uninterrupted run's edited state (the first
+    session is restored), the resumed session (still edited: the caller restores it) and the
+    saved weights.
+    """
+    from editkit.editing import EditSession
+
+    straight = EditSession(build())
+    straight.apply(earlier)
+    saved, state = straight.edited_state(), straight.editor.state_dict()
+    straight.apply(later)
+    expected = {path: value.clone() for path, value in straight.edited_state().items()}
+    straight.restore()
+    resumed = EditSession(build())
+    resumed.load_edited_state(saved)
+    resumed.editor.load_state_dict(state)
+    resumed.apply(later)
+    return expected, resumed, saved

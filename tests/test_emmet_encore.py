@@ -9,7 +9,6 @@ import torch
 
 import editkit
 from editkit.editing import EditSession
-from editkit.hooks import get_parameter
 from editkit.editors.alphaedit import AlphaEditParams
 from editkit.editors.emmet import EMMETParams
 from editkit.editors.encore import ENCOREParams
@@ -17,9 +16,10 @@ from editkit.editors.memit import MEMITParams
 from editkit.editors.pmet import PMETParams
 from editkit.editors.regularize import prune_restraint, rect_sparsify, restrain_perturbation
 from editkit.editors.rome import ROMEParams, RROMEParams
+from editkit.hooks import get_parameter
 from editkit.locate import optimize_target_value
 from editkit.types import EditRequest
-from tests.helpers import edit_one_layer, weight_out_in
+from tests.helpers import edit_one_layer, resume_against_straight, weight_out_in
 
 FAST = dict(v_num_grad_steps=8, context_template_length_params=[[5, 2]], mom2_n_samples=16)
 REQUESTS = [
@@ -215,17 +215,8 @@ def test_prune_resumed_from_saved_weights_restrains_as_if_it_never_stopped(make_
     ``adopt_originals``), not against the saved weights: its next edit equals the uninterrupted one."""
     lm = make_tiny("llama")
     options = dict(layers=[1], mom2_update_weight=1e-3, clamp_norm_factor=100.0, prune=True, prune_alpha=10.0, **FAST)
-    straight = EditSession(editkit.get_editor("memit", lm, **options))
-    straight.apply(REQUESTS[:2])
-    saved, state = straight.edited_state(), straight.editor.state_dict()
-    straight.apply(REQUESTS[2])
-    expected = {path: value.clone() for path, value in straight.edited_state().items()}
-    straight.restore()
-
-    resumed = EditSession(editkit.get_editor("memit", lm, **options))
-    resumed.load_edited_state(saved)
-    resumed.editor.load_state_dict(state)
-    resumed.apply(REQUESTS[2])
+    expected, resumed, saved = resume_against_straight(lambda: editkit.get_editor("memit", lm, **options),
+                                                       REQUESTS[:2], REQUESTS[2])
     for path, value in expected.items():
         assert torch.allclose(resumed.edited_state()[path], value, rtol=0, atol=1e-6), path
     # Restrained against the saved weights instead, the perturbation would be the last edit's alone.

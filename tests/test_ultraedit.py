@@ -12,7 +12,7 @@ from editkit.editors.gradients import token_factors
 from editkit.editors.ultraedit import UltraEditParams, module_paths
 from editkit.hooks import get_module
 from editkit.types import EditRequest
-from tests.helpers import snapshot, target_logprob
+from tests.helpers import resume_against_straight, snapshot, target_logprob
 
 REQUESTS = [
     EditRequest("The Eiffel Tower is located in the city of", "The Eiffel Tower", "Rome", "Paris", case_id="a"),
@@ -86,17 +86,8 @@ def test_statistics_are_lifelong_and_restore_undoes_them(make_tiny):
 def test_saved_state_continues_identically(make_tiny):
     """A run resumed from (weights, state_dict) writes the same next update as one that never stopped."""
     lm = make_tiny("llama")
-    first = EditSession(editkit.get_editor("ultraedit", lm, **TINY))
-    first.apply(REQUESTS[:2])
-    weights, state = first.edited_state(), first.editor.state_dict()
-    first.apply(REQUESTS[2])
-    straight = {k: v.clone() for k, v in first.edited_state().items()}
-    first.restore()
-
-    resumed = EditSession(editkit.get_editor("ultraedit", lm, **TINY))
-    resumed.load_edited_state(weights)
-    resumed.editor.load_state_dict(state)
-    resumed.apply(REQUESTS[2])
+    straight, resumed, _ = resume_against_straight(lambda: editkit.get_editor("ultraedit", lm, **TINY),
+                                                   REQUESTS[:2], REQUESTS[2])
     assert all(torch.equal(resumed.edited_state()[k], straight[k]) for k in straight)
     resumed.restore()
 

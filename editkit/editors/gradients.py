@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from torch import nn
 
-from ..hooks import forward_hooks, inputs_only_at
+from ..hooks import forward_hooks, get_module, inputs_only_at
 from ..losses import target_nll
 from ..tokens import encode, encode_pair, pad_batch, target_text
 from ..types import EditRequest
@@ -22,7 +22,27 @@ from ..types import EditRequest
 if TYPE_CHECKING:
     from ..models import LoadedModel
 
-__all__ = ["TargetPass", "token_factors"]
+__all__ = ["TargetPass", "projection_path", "token_factors"]
+
+
+def projection_path(lm: LoadedModel, layer: int, role: str, editor: str) -> str:
+    """The module path of the 2-D projection ``role`` of block ``layer`` (negative: from the last).
+
+    ``role`` is an adapter role (``mlp_in``) or, with a dot, a path inside the block
+    (``mlp.gate_proj``). Raises ValueError naming ``editor`` for a block out of range or a
+    module without a 2-D weight.
+    """
+    index = layer + lm.n_layers if layer < 0 else layer
+    if not 0 <= index < lm.n_layers:
+        raise ValueError(f"{editor} layer {layer} is out of range for {lm.name} ({lm.n_layers} layers)")
+    path = f"{lm.adapter.path('blocks', index)}.{role}" if "." in role else lm.adapter.path(role, index)
+    try:
+        weight = getattr(get_module(lm.model, path), "weight", None)
+    except KeyError:
+        weight = None
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        raise ValueError(f"{editor} edits 2-D projection weights; {path} has none")
+    return path
 
 
 class TargetPass:

@@ -23,6 +23,7 @@ from torch import nn
 
 from ..config import Params
 from ..hooks import get_module
+from .gradients import projection_path
 
 if TYPE_CHECKING:
     from ..models import LoadedModel
@@ -100,19 +101,7 @@ class MENDParams(Params):
 
 def edited_modules(lm: LoadedModel, params: MENDParams) -> list[str]:
     """Module paths of the edited projections, layer by layer, in ``roles`` order."""
-    paths = []
-    for layer in params.layers:
-        index = layer + lm.n_layers if layer < 0 else layer
-        if not 0 <= index < lm.n_layers:
-            raise ValueError(f"MEND layer {layer} is out of range for {lm.name} ({lm.n_layers} layers)")
-        for role in params.roles:
-            # A role with a dot is a path inside the block (e.g. Llama's mlp.gate_proj).
-            path = f"{lm.adapter.path('blocks', index)}.{role}" if "." in role else lm.adapter.path(role, index)
-            weight = getattr(get_module(lm.model, path), "weight", None)
-            if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
-                raise ValueError(f"MEND edits 2-D projection weights; {path} has none")
-            paths.append(path)
-    return paths
+    return [projection_path(lm, layer, role, "MEND") for layer in params.layers for role in params.roles]
 
 
 def _shapes(lm: LoadedModel, paths: Sequence[str]) -> list[tuple[int, int]]:

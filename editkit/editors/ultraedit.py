@@ -56,7 +56,7 @@ from ..editing import EditHandle, Editor
 from ..hooks import get_module
 from ..types import EditRequest
 from .base import as_stored
-from .gradients import token_factors
+from .gradients import projection_path, token_factors
 from .mend_net import RunningMoments
 
 if TYPE_CHECKING:
@@ -99,21 +99,8 @@ class UltraEditParams(Params):
 
 def module_paths(lm: LoadedModel, modules: Sequence[str]) -> list[str]:
     """Module paths of ``"<block>:<role>"`` entries, each a 2-D projection of ``lm``."""
-    paths = []
-    for entry in modules:
-        block, _, role = entry.partition(":")
-        index = int(block) + lm.n_layers if int(block) < 0 else int(block)
-        if not 0 <= index < lm.n_layers:
-            raise ValueError(f"UltraEdit block {block} is out of range for {lm.name} ({lm.n_layers} layers)")
-        path = f"{lm.adapter.path('blocks', index)}.{role}" if "." in role else lm.adapter.path(role, index)
-        try:
-            weight = getattr(get_module(lm.model, path), "weight", None)
-        except KeyError:
-            weight = None
-        if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
-            raise ValueError(f"UltraEdit edits 2-D projection weights; {lm.name} has none at {path}")
-        paths.append(path)
-    return paths
+    return [projection_path(lm, int(block), role, "UltraEdit")
+            for block, _, role in (entry.partition(":") for entry in modules)]
 
 
 class UltraEdit(Editor):
