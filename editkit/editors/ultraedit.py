@@ -123,9 +123,12 @@ class UltraEdit(Editor):
 
     # -- statistics ------------------------------------------------------------------
 
-    def _observe(self, factors: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> None:
-        for shape, (u, d, _) in zip(self.shapes, factors):
-            self.moments[shape].observe(torch.cat([u, d], dim=-1))
+    def _observe(self, factors: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
+        """Feed each map's ``[k; g]`` rows to its shape's statistics; returns those rows."""
+        features = [torch.cat([u, d], dim=-1) for u, d, _ in factors]
+        for shape, z in zip(self.shapes, features):
+            self.moments[shape].observe(z)
+        return features
 
     def prepare(self) -> None:
         """Seed the statistics now (else the first edit does): ``warmup_records`` train records,
@@ -157,10 +160,10 @@ class UltraEdit(Editor):
         before = self._snapshot()
         handle.add_undo(lambda: self._load_snapshot(before))
         factors, nll, _ = token_factors(self.lm, self.paths, [requests], at="targets")
-        self._observe(factors)
+        features = self._observe(factors)
         norms = []
-        for path, shape, (u, d, _) in zip(self.paths, self.shapes, factors):
-            z = self.moments[shape].standardise(torch.cat([u, d], dim=-1)).double()
+        for path, shape, (u, _, _), rows in zip(self.paths, self.shapes, factors, features):
+            z = self.moments[shape].standardise(rows).double()
             k_hat, g_hat = z.split([shape[0], shape[1]], dim=-1)
             values = -self.params.lr * k_hat.pow(2).sum(-1, keepdim=True) * g_hat
             keys = u.double()
