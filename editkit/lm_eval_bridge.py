@@ -117,15 +117,18 @@ class EditkitLM(LM):
             ValueError: a context router rewrote a text into one that does not end with it.
         """
         texts = [request.args[0] for request in requests]
-        windows: list[tuple[list[int], list[int]]] = []
-        owners: list[int] = []
+        # Windows per engine: a text routed to another model (SERAC's counterfactual one) is scored by it.
+        groups: dict[int, tuple[Any, list[tuple[list[int], list[int]]], list[int]]] = {}
         for index, (text, routed) in enumerate(zip(texts, self.engine.route(texts))):
+            engine = self.engine.for_text(routed)
+            _, windows, owners = groups.setdefault(id(engine), (engine, [], []))
             for window in self.rolling_windows(text, routed):
                 windows.append(window)
                 owners.append(index)
         totals = [0.0] * len(texts)
-        for owner, score in zip(owners, self.engine.score_tokens(windows)):
-            totals[owner] += score.logprob
+        for engine, windows, owners in groups.values():
+            for owner, score in zip(owners, engine.score_tokens(windows)):
+                totals[owner] += score.logprob
         for text, total in zip(texts, totals):
             self.cache_hook.add_partial("loglikelihood_rolling", (text,), total)
         return totals

@@ -19,7 +19,8 @@ After the model has run on the caller's inputs, the forward hook, for each batch
    the model just gave it, bit for bit;
 3. encodes a changed row's text whole, as the engine encodes a context (so a routed
    forward's last position gives the engine's logits, to float round-off), runs it alone
-   (no padding; cut on the left to the model's positions) and copies into the caller's
+   (no padding; cut on the left to the model's positions; by the model of a
+   :class:`Delegated` text, SERAC's counterfactual model, when it is one) and copies into the caller's
    output, at each of the caller's tokens, the logits of the routed token that ends where
    that token ends. Where the routed text merges a token across that point (IKE's
    ``"Prompt: "`` followed by ``"The"`` becomes ``" The"``), the last routed token ending
@@ -56,7 +57,8 @@ from .tokens import encode
 if TYPE_CHECKING:
     from .models import LoadedModel
 
-__all__ = ["RoutingError", "ForwardRouting", "add_router", "remove_router", "route_texts", "unrouted"]
+__all__ = ["Delegated", "RoutingError", "ForwardRouting", "add_router", "remove_router", "route_texts", "target_lm",
+           "unrouted"]
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +68,30 @@ _CACHE_ARGS = ("cache", "past_key_values")  # transformers 5 renames past_key_va
 
 class RoutingError(RuntimeError):
     """A forward call that a memory editor would route but that cannot be routed exactly."""
+
+
+class Delegated(str):
+    """A routed context to be answered by another model (SERAC's trained counterfactual model).
+
+    A ``str`` (the routed text) that carries ``lm``, the :class:`~editkit.models.LoadedModel`
+    that reads it instead of the edited one. It must share the edited model's tokenizer
+    (scores and generations are compared token for token). The engine sends such contexts
+    to ``lm`` (:meth:`editkit.benchmarks.Engine.score`, ``generate_until``), and so does
+    the forward hook for a direct ``lm.model(...)`` call. A later router that rewrites
+    the text returns a plain ``str``, and the delegation is dropped with it.
+    """
+
+    lm: LoadedModel
+
+    def __new__(cls, text: str, lm: LoadedModel) -> Delegated:
+        value = super().__new__(cls, text)
+        value.lm = lm
+        return value
+
+
+def target_lm(text: str, default: LoadedModel) -> LoadedModel:
+    """The model that reads routed ``text``: a :class:`Delegated` text's own, else ``default``."""
+    return text.lm if isinstance(text, Delegated) else default
 
 
 def route_texts(lm: LoadedModel, texts: Sequence[str]) -> list[str]:
@@ -156,8 +182,9 @@ class ForwardRouting:
             self.depth -= 1
 
     def plan(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
-             ) -> list[tuple[int, torch.Tensor, list[int], list[int]]]:
-        """Per routed row: (row, caller columns of its tokens, routed ids, routed position per column)."""
+             ) -> list[tuple[int, torch.Tensor, list[int], list[int], nn.Module]]:
+        """Per routed row: (row, caller columns of its tokens, routed ids, routed position per column, the model
+        that reads them: the edited model, or a :class:`Delegated` text's own)."""
         tokenizer = self.lm.tokenizer
         rows = []
         for row in range(input_ids.shape[0]):
@@ -189,7 +216,7 @@ class ForwardRouting:
             if limit is not None and len(new_ids) > limit:  # as the engine: keep the end, cut the left
                 cut = len(new_ids) - limit
                 new_ids, positions = new_ids[cut:], [max(p - cut, 0) for p in positions]
-            plans.append((row, columns, new_ids, positions))
+            plans.append((row, columns, new_ids, positions, target_lm(new_text, self.lm).model))
         return plans
 
     def _arguments(self, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -233,8 +260,8 @@ class ForwardRouting:
             kept = torch.as_tensor(keep, device=input_ids.device)
         logits = output.logits.clone()
         with self.bypassed():
-            for row, columns, new_ids, positions in plans:
-                routed = self._row_logits(new_ids, positions)
+            for row, columns, new_ids, positions, model in plans:
+                routed = self._row_logits(new_ids, positions, model)
                 slot = torch.full((width,), -1, dtype=torch.long, device=input_ids.device)
                 slot[columns] = torch.arange(len(columns), device=input_ids.device)
                 chosen = slot[kept]
@@ -261,11 +288,11 @@ class ForwardRouting:
         if getattr(output, "logits", None) is None:
             raise RoutingError("forward routing needs a model output with .logits (return_dict=True)")
 
-    def _row_logits(self, new_ids: list[int], positions: list[int]) -> torch.Tensor:
-        """Logits (len(positions) x vocab) of one routed row, run alone."""
-        model = self.lm.model
-        ids = torch.tensor([new_ids], device=self.lm.device)
-        at = torch.tensor(positions, device=self.lm.device)
-        if "logits_to_keep" in self.signature.parameters:
+    def _row_logits(self, new_ids: list[int], positions: list[int], model: nn.Module) -> torch.Tensor:
+        """Logits (len(positions) x vocab) of one routed row, run alone by ``model``."""
+        device = next(model.parameters()).device
+        ids = torch.tensor([new_ids], device=device)
+        at = torch.tensor(positions, device=device)
+        if "logits_to_keep" in inspect.signature(model.forward).parameters:
             return model(input_ids=ids, use_cache=False, logits_to_keep=at).logits[0]
         return model(input_ids=ids, use_cache=False).logits[0, at]

@@ -224,7 +224,8 @@ def save_artifact(key: ArtifactKey, module: torch.nn.Module, info: dict[str, Any
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    save_file({k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}, tmp / WEIGHTS)
+    # Cloned: safetensors refuses tensors that share memory (a language model's tied embeddings).
+    save_file({k: v.detach().cpu().clone() for k, v in module.state_dict().items()}, tmp / WEIGHTS)
     meta = {**key.meta(), "sha256": sha256_file(tmp / WEIGHTS), **(info or {})}
     (tmp / META).write_text(json.dumps(meta, indent=1, sort_keys=True, default=str))
     if final.exists():

@@ -216,12 +216,16 @@ def test_an_edit_is_seen_through_the_bridge(smollm2, session_cache):
     assert bridge.loglikelihood(asked)[0][0] == before, "restored weights, the same score"
 
 
-def test_a_routing_editor_acts_through_the_bridge(make_tiny, session_cache):
+@pytest.mark.parametrize("counterfactual", ["conditioned", "trained"])
+def test_a_routing_editor_acts_through_the_bridge(make_tiny, session_cache, counterfactual):
+    """Routed contexts are read by the edited model (conditioned) or by SERAC's trained counterfactual model."""
     from editkit.editors.trainer import train_editor
 
     lm = make_tiny("llama")
-    train_editor("serac", lm, progress=False, **FAST_SERAC)
-    editor = editkit.get_editor("serac", lm, **FAST_SERAC)
+    settings = {**FAST_SERAC, "counterfactual": counterfactual}
+    train_editor("serac", lm, progress=False, **settings)
+    editor = editkit.get_editor("serac", lm, **settings)
+    reader = editor.counterfactual or lm
     request = editkit.load_counterfact("edit", 2)[1]
     statement = f"{request.prompt} {request.target_new}"
     bridge = EditkitLM(lm, batch_size=2)
@@ -233,11 +237,11 @@ def test_a_routing_editor_acts_through_the_bridge(make_tiny, session_cache):
         (rolled,) = bridge.loglikelihood_rolling(instances("loglikelihood_rolling", [(request.prompt,)]))
     finally:
         handle.restore()
-    assert after[0][0] == pytest.approx(plain_pair_logprob(lm, f"{statement}\n{request.prompt}",
+    assert after[0][0] == pytest.approx(plain_pair_logprob(reader, f"{statement}\n{request.prompt}",
                                                            " " + request.target_new), abs=1e-4)
     assert after[0][0] != pytest.approx(before[0][0], abs=1e-3) and after[1] == before[1]
     prompt_ids = lm.tokenizer(request.prompt, add_special_tokens=False)["input_ids"]
-    by_hand = plain_logprob(lm, lm.tokenizer(f"{statement}\n")["input_ids"], prompt_ids)
+    by_hand = plain_logprob(reader, lm.tokenizer(f"{statement}\n")["input_ids"], prompt_ids)
     assert rolled == pytest.approx(by_hand, abs=1e-4), "a routed text is conditioned on the edit"
 
 

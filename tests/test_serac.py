@@ -15,8 +15,9 @@ from editkit.editors.trainer import train_editor
 from editkit.training import MissingArtifactError, fit
 from tests.helpers import target_logprob
 
-FAST = {"encoder": "all-minilm-l6-v2", "steps": 4, "batch_size": 4, "train_records": 16, "val_records": 4,
-        "checkpoint_every": 2}
+# The conditioned variant (tests/test_serac_cf.py has the trained counterfactual model).
+FAST = {"encoder": "all-minilm-l6-v2", "counterfactual": "conditioned", "steps": 4, "batch_size": 4,
+        "train_records": 16, "val_records": 4, "checkpoint_every": 2}
 UNRELATED = "The capital of Japan is"
 
 

@@ -45,7 +45,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..kv_cache import select_rows
-from ..routing import unrouted
+from ..routing import target_lm, unrouted
 from ..tokens import encode_pair
 from .api import ContinuationScore, GenerationRequest, LanguageModel
 from .generation import greedy_generate
@@ -137,6 +137,7 @@ class Engine:
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.prefix_token_id
         self.eos_token_ids = self._eos_ids()
         self._has_logits_to_keep = "logits_to_keep" in inspect.signature(self.model.forward).parameters
+        self._delegates: dict[int, Engine] = {}
 
     def resolve_batch_size(self, length: int, logit_positions: int = 1) -> int:
         """The batch size for sequences of up to ``length`` tokens (``batch_size`` itself unless ``"auto"``).
@@ -239,11 +240,43 @@ class Engine:
             contexts = list(router.route(contexts))
         return contexts
 
+    def for_text(self, routed: str) -> Engine:
+        """The engine that reads a routed context: this one, or one over the model a
+        :class:`~editkit.routing.Delegated` text names (SERAC's counterfactual model), same settings.
+
+        Raises:
+            ValueError: that model's tokenizer encodes text differently from this one's.
+        """
+        lm = target_lm(routed, self.lm)
+        if lm is self.lm:
+            return self
+        if id(lm) not in self._delegates:
+            probe = "The Colosseum is in Rome.\nQ: 2 + 2 = ?"
+            if lm.tokenizer(probe)["input_ids"] != self.tokenizer(probe)["input_ids"]:
+                raise ValueError(f"{lm.name!r} answers routed contexts of {self.name!r} but does not share its "
+                                 "tokenizer; scores would not be comparable")
+            self._delegates[id(lm)] = Engine(lm, self.batch_size, self.max_length, progress=False,
+                                             memory_cap=self.memory_cap, max_batch_size=self.max_batch_size)
+        return self._delegates[id(lm)]
+
+    def _by_engine(self, routed: Sequence[str]) -> list[tuple[Engine, list[int]]]:
+        """The positions of ``routed`` grouped by the engine that reads them (this one first)."""
+        groups: dict[int, tuple[Engine, list[int]]] = {id(self): (self, [])}
+        for i, text in enumerate(routed):
+            engine = self.for_text(text)
+            groups.setdefault(id(engine), (engine, []))[1].append(i)
+        return [group for group in groups.values() if group[1]]
+
     def score(self, requests: Sequence[tuple[str, str]]) -> list[ContinuationScore]:
         """Score each ``(context, continuation)``; results in request order."""
         contexts = self.route([context for context, _ in requests])
-        return self._score_encoded([self._encode_request(i, context, continuation)
-                                    for i, (context, (_, continuation)) in enumerate(zip(contexts, requests))])
+        results: list[ContinuationScore | None] = [None] * len(requests)
+        for engine, positions in self._by_engine(contexts):
+            scored = engine._score_encoded([engine._encode_request(j, str(contexts[i]), requests[i][1])
+                                            for j, i in enumerate(positions)])
+            for i, score in zip(positions, scored):
+                results[i] = score
+        return results  # type: ignore[return-value]
 
     def score_tokens(self, requests: Sequence[tuple[Sequence[int], Sequence[int]]]) -> list[ContinuationScore]:
         """Score each ``(context ids, continuation ids)`` (lm-eval's ``_loglikelihood_tokens``); in request order.
@@ -372,8 +405,17 @@ class Engine:
         after ``max_new_tokens`` tokens. A generation that meets non-finite
         logits returns ``""`` and is logged. Batched equals unbatched.
         """
+        routed = self.route([r.context for r in requests])
+        outputs = [""] * len(requests)
+        for engine, positions in self._by_engine(routed):
+            texts = engine._generate_routed([str(routed[i]) for i in positions], [requests[i] for i in positions])
+            for i, text in zip(positions, texts):
+                outputs[i] = text
+        return outputs
+
+    def _generate_routed(self, routed: Sequence[str], requests: Sequence[GenerationRequest]) -> list[str]:
         contexts = []
-        for index, (text, request) in enumerate(zip(self.route([r.context for r in requests]), requests)):
+        for index, (text, request) in enumerate(zip(routed, requests)):
             ids = self.encode(text) if text else [self.prefix_token_id]
             room = max(self.max_length - request.max_new_tokens, 1)
             if len(ids) > room:

@@ -24,18 +24,21 @@ generation of a run goes through that path. A direct ``lm.model(...)`` call sees
 too, through the forward hook of :mod:`editkit.routing` (not ``model.generate``, which
 raises and names the engine's generation).
 
-The counterfactual model is the base model conditioned on the retrieved edit: the
-context becomes ``template.format(edit=e*, input=x)`` (default ``"{edit}\\n{input}"``).
-The paper trains a separate small model on (edit, input) -> output pairs (for
-GPT2-XL, EasyEdit's ``small_name: gpt2``); conditioning the base model needs no
-second model and no training, and is what the paper's own ablation calls the
-"in-context" counterfactual model. Only the scope classifier is trained.
+Two counterfactual models (``counterfactual``). ``"trained"``, as published: a small
+language model fine-tuned to answer in-scope inputs read after the retrieved edit,
+``template.format(edit=e*, input=x)`` (:mod:`.serac_cf`); SERAC routes such a context to it
+as a :class:`~editkit.routing.Delegated` text, so neither the engine nor a direct call runs
+the edited model on it. ``"conditioned"``: the edited model itself reads the same context,
+with no second model and nothing trained but the classifier (the paper's ablation of an
+in-context counterfactual model).
 
 Training (:class:`ScopeTrainable`), on the ``train`` split of the edit data: each
 step takes ``batch_size`` records; record i's edit is paired with its own prompt and
 rephrases (in scope) and with its locality prompts and every other record's prompts
 (out of scope); the loss is the mean binary cross-entropy over in-scope pairs plus
 that over out-of-scope pairs. The encoder is fine-tuned with it (``lr``), s and b too.
+With the trained counterfactual model, the same batch's in-scope inputs also give its
+loss, and the two are summed (:class:`~editkit.editors.serac_cf.JointTrainable`).
 
 Checked against eric-mitchell/serac (``algs/serac.py``) and EasyEdit
 (``easyeditor/trainer/algs/SERAC.py``, ``hparams/TRAINING/SERAC/gpt2-xl.yaml``:
@@ -46,7 +49,8 @@ Known deviations:
   the offline encoder, all-MiniLM-L6-v2); the reference reads DistilBERT's first token.
 * The classifier's inputs are truncated on the left to ``max_length`` tokens, so a
   long few-shot prompt is judged by its end (the question), not by its exemplars.
-* The counterfactual model is the conditioned base model (above).
+* The trained counterfactual model starts from the edited model's own weights on the
+  offline models, which have no smaller sibling sharing their tokenizer (``cf_model``).
 """
 
 from __future__ import annotations
@@ -62,12 +66,13 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from ..config import Params
+from ..config import Params, option
 from ..editing import EditHandle, Editor
 from ..models import LoadedModel, ModelNotAvailableError
-from ..routing import add_router, remove_router
+from ..routing import Delegated, add_router, remove_router
 from ..training import ArtifactKey, Trainable, data_digest, load_artifact, train_command
 from ..types import EditRequest
+from .serac_cf import CounterfactualTrainable, JointTrainable, counterfactual_lm, edit_statement
 
 __all__ = ["SERAC", "SERACParams", "ScopeClassifier", "ScopeTrainable", "load_encoder"]
 
@@ -83,13 +88,25 @@ class SERACParams(Params):
     """SERAC hyperparameters. Defaults: the published GPT2-XL training file (see module docstring).
 
     ``encoder`` is ``all-minilm-l6-v2`` (the offline wheel), a hub id or a local folder.
-    ``steps``, ``batch_size``, ``lr``, ``grad_clip`` are the classifier's training;
+    ``counterfactual``: ``"trained"`` (published: a small LM fine-tuned to answer after the
+    retrieved edit, :mod:`.serac_cf`) or ``"conditioned"`` (the edited model itself reads the
+    edit, no second model). ``cf_model``: the small model to fine-tune (None: a copy of the
+    edited model); ``cf_lr``: its learning rate (EasyEdit's SERAC lr); ``cf_records``: how many
+    of each batch's records give its loss (0: all, as published; fewer make a CPU step
+    cheaper, since the counterfactual model is a whole language model). ``template``: how the
+    counterfactual model's input is written from the edit and the input.
+    ``steps``, ``batch_size``, ``lr``, ``grad_clip`` are the training (both parts, one loss);
     ``train_records``/``val_records`` limit the data (0: all).
     """
 
     encoder: str = "distilbert-base-cased"
     max_length: int = 128
     threshold: float = 0.5
+    # Options (config.option): added after runs were recorded; in the digest only when set.
+    counterfactual: Literal["trained", "conditioned"] = option("trained")
+    cf_model: str | None = option(None)
+    cf_lr: float = option(1e-5)
+    cf_records: int = option(0)
     template: str = "{edit}\n{input}"
     edit_format: Literal["statement"] = "statement"
     init_scale: float = 10.0
@@ -107,6 +124,10 @@ class SERACParams(Params):
     def __post_init__(self) -> None:
         if not 0.0 < self.threshold < 1.0:
             raise ValueError(f"threshold must be in (0, 1), got {self.threshold}")
+        if self.counterfactual not in ("trained", "conditioned"):
+            raise ValueError(f"counterfactual must be 'trained' or 'conditioned', got {self.counterfactual!r}")
+        if self.cf_lr <= 0 or self.cf_records < 0:
+            raise ValueError(f"cf_lr must be positive and cf_records >= 0, got {self.cf_lr}, {self.cf_records}")
         if "{edit}" not in self.template or "{input}" not in self.template:
             raise ValueError(f"template must contain {{edit}} and {{input}}, got {self.template!r}")
         if self.steps < 1 or self.batch_size < 2 or self.lr <= 0 or self.init_scale <= 0:
@@ -169,10 +190,6 @@ class ScopeClassifier(nn.Module):
         return self.bias - self.log_scale.exp() * distances
 
 
-def edit_statement(request: EditRequest) -> str:
-    return f"{request.prompt} {request.target_new}"
-
-
 @dataclass
 class _Memory:
     texts: list[str] = field(default_factory=list)
@@ -193,7 +210,12 @@ class SERAC(Editor):
         super().__init__(lm, params)
         encoder, tokenizer = load_encoder(params.encoder, lm.device)
         self.classifier = ScopeClassifier(encoder, tokenizer, params).to(lm.device)
-        self.artifact = load_artifact(self.artifact_key(lm, params), self.classifier)
+        self.counterfactual: LoadedModel | None = None
+        trained: nn.Module = self.classifier
+        if params.counterfactual == "trained":
+            self.counterfactual = counterfactual_lm(lm, params)
+            trained = nn.ModuleDict({"classifier": self.classifier, "counterfactual": self.counterfactual.model})
+        self.artifact = load_artifact(self.artifact_key(lm, params), trained)
         self.classifier.eval().requires_grad_(False)
         self.memory = _Memory()
         self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
@@ -202,15 +224,24 @@ class SERAC(Editor):
 
     @classmethod
     def artifact_key(cls, lm: LoadedModel, params: SERACParams) -> ArtifactKey:
-        """The classifier depends on its encoder, the data and the settings, not on the edited model."""
-        return ArtifactKey(cls.name, params.encoder, params.train_data, data_digest(params.train_data),
-                           params.digest(), train_command(cls.name, lm, params))
+        """The conditioned variant's classifier depends on its encoder, the data and the settings, not on the
+        edited model; the trained counterfactual model also on the model it starts from."""
+        model, digest = params.encoder, params.digest()
+        if params.counterfactual == "trained":
+            model = f"{params.encoder}+{params.cf_model or lm.name}"
+        else:  # the counterfactual model's settings do not touch the classifier: the digest leaves them out
+            digest = params.replace(counterfactual="trained", cf_model=None, cf_lr=1e-5, cf_records=0).digest()
+        return ArtifactKey(cls.name, model, params.train_data, data_digest(params.train_data),
+                           digest, train_command(cls.name, lm, params))
 
     @classmethod
     def trainable(cls, lm: LoadedModel, params: SERACParams, train: Sequence[EditRequest],
-                  val: Sequence[EditRequest]) -> ScopeTrainable:
+                  val: Sequence[EditRequest]) -> Trainable:
         encoder, tokenizer = load_encoder(params.encoder, lm.device)
-        return ScopeTrainable(ScopeClassifier(encoder, tokenizer, params).to(lm.device), params, train, val)
+        scope = ScopeTrainable(ScopeClassifier(encoder, tokenizer, params).to(lm.device), params, train, val)
+        if params.counterfactual == "conditioned":
+            return scope
+        return JointTrainable(scope, CounterfactualTrainable(counterfactual_lm(lm, params), params, val))
 
     # -- editing ----------------------------------------------------------------------------
 
@@ -238,11 +269,17 @@ class SERAC(Editor):
         return torch.sigmoid(best).cpu(), index.cpu()
 
     def route(self, contexts: Sequence[str]) -> list[str]:
-        """Contexts in the scope of a stored edit become the counterfactual model's input."""
+        """Contexts in the scope of a stored edit become the counterfactual model's input (a
+        :class:`~editkit.routing.Delegated` text for the trained counterfactual model)."""
         probability, index = self.scope(contexts)
-        return [self.params.template.format(edit=self.memory.texts[int(i)], input=context)
-                if p > self.params.threshold else context
-                for context, p, i in zip(contexts, probability.tolist(), index.tolist())]
+        routed: list[str] = []
+        for context, p, i in zip(contexts, probability.tolist(), index.tolist()):
+            if p <= self.params.threshold:
+                routed.append(context)
+                continue
+            text = self.params.template.format(edit=self.memory.texts[int(i)], input=context)
+            routed.append(text if self.counterfactual is None else Delegated(text, self.counterfactual))
+        return routed
 
     def _install(self) -> None:
         add_router(self.lm, self)
