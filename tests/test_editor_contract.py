@@ -81,7 +81,7 @@ FAST_SMOLLM2: dict[str, dict] = {
     "kn": {"steps": 2, "batch_size": 64},
     "grace": {"n_iter": 10},
     "serac": {"steps": 2, "batch_size": 4, "train_records": 8, "val_records": 4, "checkpoint_every": 2},
-    "ike": {"train_records": 500},  # the packaged k = 16, drawn from the first 500 train records
+    "ike": {},  # the packaged k = 0 (configs/ike.yaml): the new fact and its copy demonstration
     "wise": {"n_iter": 12, "template_lengths": [], "loc_records": 8},
     "ultraedit": {"warmup_records": 8},  # the packaged modules and lr; statistics seeded by 8 records, not 50
     # Two training steps (published edit_lr 1e-4) already raise log P(new) by about 2 nats here.
@@ -91,9 +91,8 @@ FAST_SMOLLM2: dict[str, dict] = {
 # The smallest rise of log P(new) the SmolLM2 check accepts. SERAC answers an in-scope prompt
 # with the base model conditioned on the edit, which moves case 0 ("The mother tongue of
 # Danielle Darrieux is" -> English; SmolLM2 keeps preferring French) by only about 0.5 nats.
-# IKE's prompt (16 demonstrations and the new fact) barely moves that case on SmolLM2 either:
-# +0.10 nats with the first 500 train records as candidates (-0.11 with all 10,000), while cases
-# 7 and 13 gain 1.2 and 7.5 nats (test_ike.py checks the mean gain and reliability on 6 cases).
+# IKE (k = 16 demonstrations then) moved that case by +0.10 nats; test_ike.py checks the mean gain
+# and reliability on 6 cases with the packaged k = 0.
 MIN_GAIN = {"serac": 0.25, "ike": 0.05}
 # Editors whose edit raises log P(new) on both tiny random models for each of the first 8
 # CounterFact cases: FT's loss and GRACE's codebook value act at the position that predicts the

@@ -133,13 +133,15 @@ def test_min_similarity_leaves_unrelated_inputs_alone(make_tiny, requests):
 
 @pytest.mark.slow
 def test_smollm2_single_edit_reliability(smollm2):
-    """Each of the first 6 CounterFact edits alone: P(new) rises, and so does reliability (prob convention).
+    """Each of the first 6 CounterFact edits alone, packaged settings (k = 0 on SmolLM2, configs/ike.yaml):
+    P(new) rises, and reliability (prob convention) reaches 5 of 6.
 
-    On the first 20 records with all 10,000 train records as candidates, reliability goes from
-    0.30 to 0.65 and generalisation from 0.30 to 0.80 (k = 16; SmolLM2-135M is a weak reader).
+    On the first 50 records reliability is 0.98 (``scripts/edit_sweep.py --editor ike --n 50``);
+    with k = 16 demonstrations it was 0.65 on 20.
     """
     requests = load_counterfact("edit", 6)
-    editor = editkit.get_editor("ike", smollm2, train_records=2000)
+    editor = editkit.get_editor("ike", smollm2)
+    assert editor.params.k == 0
     reference = locality_reference(smollm2, requests, generate=False)
     before = edit_quality(smollm2, requests, reference, generate=False)["reliability_prob"].mean()
     rows, gains = [], []
@@ -150,4 +152,4 @@ def test_smollm2_single_edit_reliability(smollm2):
         rows.append(edit_quality(smollm2, [request], [ref], generate=False)["reliability_prob"].item())
         handle.restore()
     assert torch.isfinite(torch.tensor(gains)).all() and sum(gains) / len(gains) > 1.0, gains
-    assert sum(rows) / len(rows) >= 0.5 and sum(rows) / len(rows) > before, (rows, before)
+    assert sum(rows) >= 5 and sum(rows) / len(rows) > before, (rows, before)
