@@ -26,7 +26,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +63,26 @@ class Results:
         if frame.empty or self.models.empty:
             return frame.assign(**{c: pd.Series(dtype=object) for c in INFO_FIELDS if c not in frame})
         return frame.merge(self.models, on="model", how="left", suffixes=("", "_model"))
+
+    def select(self, **axes: Any) -> Results:
+        """The results of the cells whose ``axis`` is one of the given values, e.g. ``select(method=["memit"])``.
+
+        Raises:
+            KeyError: an axis that no frame has.
+        """
+        frames = {f.name: getattr(self, f.name) for f in fields(self)
+                  if isinstance(getattr(self, f.name), pd.DataFrame)}
+        for axis in axes:
+            if not any(axis in frame.columns for frame in frames.values()):
+                raise KeyError(f"no results column {axis!r}; axes: {', '.join(AXES)}")
+        chosen = {}
+        for name, frame in frames.items():
+            for axis, values in axes.items():
+                if axis in frame.columns:
+                    wanted = [values] if isinstance(values, str) else list(values)
+                    frame = frame[frame[axis].isin(wanted)].reset_index(drop=True)
+            chosen[name] = frame
+        return replace(self, **chosen)
 
     @functools.cached_property
     def deltas(self) -> pd.DataFrame:

@@ -17,6 +17,12 @@ Reads the sequential runs of ``parameters/01_number_of_edits/finding_4_1_{fast,s
 Everything is computed from the saved runs; rerun after the runs advance.
 
     python scripts/finding_4_1.py --root results/finding_4_1 --out results/findings/finding_4_1
+
+Issue 18's sequential table (``parameters/01_number_of_edits/frontier_200.yaml``, same root): the
+frontier editors beside MEMIT and AlphaEdit, with ``frontier.md`` instead of ``comparison.md``::
+
+    python scripts/finding_4_1.py --root results/finding_4_1 --out results/findings/frontier_200 \
+        --methods ike emmet encore ultraedit wise memit alphaedit --frontier 200
 """
 
 from __future__ import annotations
@@ -35,8 +41,10 @@ from editkit.results import load_results
 
 log = logging.getLogger("finding_4_1")
 
-ORDER = ["kn", "ft", "rome", "r-rome", "memit", "pmet", "alphaedit", "mend", "serac", "grace"]
+ORDER = ["kn", "ft", "rome", "r-rome", "memit", "pmet", "alphaedit", "mend", "serac", "grace",
+         "ike", "emmet", "encore", "ultraedit", "wise"]
 SLOW = ("rome", "r-rome", "memit", "pmet", "alphaedit")
+FRONTIER = ("ike", "emmet", "encore", "ultraedit", "wise")  # issue 18's editors, set against MEMIT and AlphaEdit
 
 
 def _fmt(value: float, digits: int = 3) -> str:
@@ -150,14 +158,65 @@ def comparison(table: pd.DataFrame, drops: pd.DataFrame, results) -> list[str]:
     return lines
 
 
+def frontier(results, n_edits: int = 200) -> list[str]:
+    """Issue 18's question at ``n_edits``: which new editor holds general ability and retention best,
+    against MEMIT and AlphaEdit. General ability: the paired change of the gold answer's log-likelihood
+    against the unedited model (mean over tasks; closer to 0 is better) and held-out perplexity;
+    retention: reliability of every edit so far (prob and gen)."""
+    deltas, quality, health = results.deltas, results.edit_quality, results.health
+    checkpoints = results.checkpoints
+    ok = checkpoints[(checkpoints["status"] == "ok") & (checkpoints["n_edits"] == n_edits)]
+    rows = []
+    for method in [m for m in ORDER if m in set(ok["method"]) and (m in FRONTIER or m in ("memit", "alphaedit"))]:
+        d = deltas[(deltas["method"] == method) & (deltas["n_edits"] == n_edits) & (deltas["metric"] == "loglik")]
+        a = deltas[(deltas["method"] == method) & (deltas["n_edits"] == n_edits) & (deltas["metric"] == "acc")]
+        q = quality[(quality["method"] == method) & (quality["n_edits"] == n_edits) & (quality["scope"] == "retention")
+                    & (quality["metric"] == "reliability")]
+        h = health[(health["method"] == method) & (health["n_edits"] == n_edits)
+                   & (health["metric"] == "heldout_ppl_ratio") & health["parameter"].isna()]
+        conv = dict(zip(q["convention"], q["value"]))
+        rows.append({"method": method, "loglik": d["delta"].mean(), "lo": d["ci_low"].mean(), "hi": d["ci_high"].mean(),
+                     "p": d["p_value"].min(), "acc": a["delta"].mean(), "ppl": h["value"].mean(),
+                     "prob": conv.get("prob", math.nan), "gen": conv.get("gen", math.nan)})
+    lines = [f"| method ({n_edits} edits) | Δ log-lik [95% CI], p | Δ accuracy | held-out ppl ÷ unedited "
+             "| retention (prob / gen) |", "|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['method']} | {_fmt(r['loglik'])} [{_fmt(r['lo'])}, {_fmt(r['hi'])}], p={_fmt(r['p'], 2)} "
+                     f"| {_fmt(r['acc'])} | {_fmt(r['ppl'])} | {_fmt(r['prob'])} / {_fmt(r['gen'])} |")
+    new = [r for r in rows if r["method"] in FRONTIER]
+    base = [r for r in rows if r["method"] not in FRONTIER]
+    missing = [m for m in (*FRONTIER, "memit", "alphaedit") if m not in {r["method"] for r in rows}]
+    lines.append("")
+    if missing:
+        lines.append(f"Not yet at {n_edits} edits: {', '.join(missing)}.")
+    if new:
+        ability = max(new, key=lambda r: (r["loglik"], -r["ppl"]))
+        retention = max(new, key=lambda r: (r["prob"], r["gen"]))
+        lines.append(f"Among the new editors at {n_edits} edits, {ability['method']} holds general ability best "
+                     f"(Δ log-lik {_fmt(ability['loglik'])}, perplexity ×{_fmt(ability['ppl'])}) and "
+                     f"{retention['method']} retention (prob {_fmt(retention['prob'])}, gen {_fmt(retention['gen'])}).")
+        for r in base:
+            lines.append(f"Against {r['method']} (Δ log-lik {_fmt(r['loglik'])}, retention {_fmt(r['prob'])} / "
+                         f"{_fmt(r['gen'])}): {ability['method']} "
+                         f"{'keeps' if ability['loglik'] >= r['loglik'] else 'loses'} more general ability; "
+                         f"{retention['method']} {'retains' if retention['prob'] >= r['prob'] else 'loses'} "
+                         f"{'at least as many' if retention['prob'] >= r['prob'] else 'more'} edits (prob).")
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", default="results/finding_4_1")
     parser.add_argument("--out", default="results/findings/finding_4_1")
     parser.add_argument("--no-figure", action="store_true")
+    parser.add_argument("--methods", nargs="+", default=None, help="only these methods (default: all under --root)")
+    parser.add_argument("--frontier", type=int, default=None, metavar="N",
+                        help="also write frontier.md: issue 18's editors against MEMIT and AlphaEdit at N edits")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     results = load_results(args.root)
+    if args.methods:
+        results = results.select(method=args.methods)
     if results.checkpoints.empty:
         log.error("no runs under %s", args.root)
         return 1
@@ -171,7 +230,10 @@ def main(argv: list[str] | None = None) -> int:
     drops = _first_drops(deltas)
     table = method_table(results, drops, health)
     (out / "table.md").write_text(_markdown(table) + "\n", encoding="utf-8")
-    (out / "comparison.md").write_text("\n".join(comparison(table, drops, results)) + "\n", encoding="utf-8")
+    if args.frontier:  # issue 18's comparison instead of the paper's ordering
+        (out / "frontier.md").write_text("\n".join(frontier(results, args.frontier)) + "\n", encoding="utf-8")
+    else:
+        (out / "comparison.md").write_text("\n".join(comparison(table, drops, results)) + "\n", encoding="utf-8")
     if not args.no_figure and len(deltas):
         from editkit.viz import save_chart
         from editkit.viz_instruments import delta_curves, health_curves
@@ -179,7 +241,8 @@ def main(argv: list[str] | None = None) -> int:
         chart = delta_curves(deltas, metric="loglik") & delta_curves(deltas, metric="acc") & health_curves(
             results.health, metrics=["heldout_ppl_ratio", "max_rel_norm_growth"])
         save_chart(chart, out / "finding_4_1")
-    sys.stdout.write(_markdown(table) + "\n\n" + (out / "comparison.md").read_text())
+    verdict = out / ("frontier.md" if args.frontier else "comparison.md")
+    sys.stdout.write(_markdown(table) + "\n\n" + verdict.read_text())
     return 0
 
 

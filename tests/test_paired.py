@@ -226,6 +226,13 @@ def test_results_deltas_of_a_real_tiny_run(make_tiny, tmp_path, one_torch_thread
     for n in (1, 2):
         assert paired_acc[n] == pytest.approx(acc[n] - acc[0])
     assert load_results(tmp_path, items=False).deltas.empty
+    # select(): one method's cells, every frame filtered, deltas recomputed from its items
+    assert set(results.scores["method"]) == {"rome"}
+    assert results.select(method=["rome"]).deltas.equals(frame)
+    none = results.select(method="memit")
+    assert none.scores.empty and none.items.empty and none.deltas.empty
+    with pytest.raises(KeyError, match="no results column 'editor'"):
+        results.select(editor=["rome"])
 
 
 def test_delta_curves_draw_every_row_with_band_and_zero_rule():
