@@ -50,8 +50,11 @@ $(addprefix demo-,$(RQ_NOTEBOOKS)): demo-%: $(STAMP) $(QWEN_STAMP)
 demos: $(addprefix demo-,$(RQ_NOTEBOOKS))
 	@echo "demo results: $(addprefix results/,$(addsuffix /demo,$(RQ_NOTEBOOKS)))"
 
+# Two pytest workers, one torch thread each (two threads per process thrash on a 2-core machine);
+# --dist loadfile keeps a notebook's cells, and a module's fixtures, on one worker.
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(PY) -m pytest -q tests notebooks --nbval-lax
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests notebooks --nbval-lax
 
 clean-results:
 	rm -rf results
