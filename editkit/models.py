@@ -252,9 +252,15 @@ def _converted_copy(entry: CatalogEntry, cache: Path) -> Path:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         del model
+        if (target / "config.json").exists() and (target / "model.safetensors").exists():
+            return target  # another process (a second test worker) finished the same conversion meanwhile
         if target.exists():  # a half-written copy from an interrupted conversion
             shutil.rmtree(target)
-        os.replace(staging, target)  # atomic: a copy is either complete or absent
+        try:
+            os.replace(staging, target)  # atomic: a copy is either complete or absent
+        except OSError:
+            if not (target / "model.safetensors").exists():
+                raise
     return target
 
 
