@@ -16,12 +16,19 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["encode", "encode_pair", "target_text", "token_index_at_char", "subject_last_token"]
+__all__ = ["encode", "encode_pair", "same_encoding", "target_text", "token_index_at_char", "subject_last_token"]
+
+_PROBE = "The Colosseum is in Rome.\nQ: 2 + 2 = ? A: 4, naïve café"
 
 
 def target_text(target: str) -> str:
     """The continuation for an edit target: the answer follows the prompt after a space."""
     return target if target.startswith(" ") else " " + target
+
+
+def same_encoding(tokenizer: Any, other: Any) -> bool:
+    """Whether two tokenizers encode a probe text (words, digits, a newline, accents) to the same ids."""
+    return tokenizer is other or list(tokenizer(_PROBE)["input_ids"]) == list(other(_PROBE)["input_ids"])
 
 
 def encode(tokenizer: Any, text: str) -> list[int]:

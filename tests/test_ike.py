@@ -40,7 +40,9 @@ def test_published_defaults_and_small_model_override(make_tiny, smollm2):
     params = resolve_params("ike", make_tiny("llama"))
     assert (params.k, params.demo_ratio, params.encoder) == (32, (1, 3, 4), "all-minilm-l6-v2")
     assert params.min_similarity is None and params.own_copy_demo
-    assert resolve_params("ike", smollm2).k == 16  # editkit/configs/ike.yaml
+    assert resolve_params("ike", smollm2).k == 0  # editkit/configs/ike.yaml, by measurement
+    gemma = type(smollm2)(smollm2.model, smollm2.tokenizer, smollm2.adapter, "gemma3-270m")
+    assert resolve_params("ike", gemma).k == 16  # the other offline models keep EasyEdit's k
     assert demo_type_counts(32, (1, 3, 4)) == [4, 12, 16]  # icl.py's 32-slot list
     assert demo_type_counts(16, (1, 3, 4)) == [2, 6, 8]
     assert demo_type_counts(5, (1, 3, 4)) == [1, 2, 2] and sum(demo_type_counts(7, (1, 3, 4))) == 7

@@ -46,7 +46,7 @@ from tqdm.auto import tqdm
 
 from ..kv_cache import select_rows
 from ..routing import target_lm, unrouted
-from ..tokens import encode_pair
+from ..tokens import encode_pair, same_encoding
 from .api import ContinuationScore, GenerationRequest, LanguageModel
 from .generation import greedy_generate
 from .passes import PrefixMemo, auto_batch_size, memory_budget, plan_batches, run_contexts
@@ -251,8 +251,7 @@ class Engine:
         if lm is self.lm:
             return self
         if id(lm) not in self._delegates:
-            probe = "The Colosseum is in Rome.\nQ: 2 + 2 = ?"
-            if lm.tokenizer(probe)["input_ids"] != self.tokenizer(probe)["input_ids"]:
+            if not same_encoding(lm.tokenizer, self.tokenizer):
                 raise ValueError(f"{lm.name!r} answers routed contexts of {self.name!r} but does not share its "
                                  "tokenizer; scores would not be comparable")
             self._delegates[id(lm)] = Engine(lm, self.batch_size, self.max_length, progress=False,

@@ -60,7 +60,7 @@ import math
 import random
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
 import torch
@@ -81,6 +81,7 @@ log = logging.getLogger(__name__)
 # The offline encoder shipped on PyPI (sentence-transformers/all-MiniLM-L6-v2).
 OFFLINE_ENCODER = "all-minilm-l6-v2"
 _CACHE_SIZE = 50_000  # embeddings of recently routed contexts kept per editor
+_COUNTERFACTUAL_FIELDS = ("counterfactual", "cf_model", "cf_lr", "cf_records")
 
 
 @dataclass(frozen=True)
@@ -230,7 +231,8 @@ class SERAC(Editor):
         if params.counterfactual == "trained":
             model = f"{params.encoder}+{params.cf_model or lm.name}"
         else:  # the counterfactual model's settings do not touch the classifier: the digest leaves them out
-            digest = params.replace(counterfactual="trained", cf_model=None, cf_lr=1e-5, cf_records=0).digest()
+            defaults = {f.name: f.default for f in fields(params) if f.name in _COUNTERFACTUAL_FIELDS}
+            digest = params.replace(**defaults).digest()
         return ArtifactKey(cls.name, model, params.train_data, data_digest(params.train_data),
                            digest, train_command(cls.name, lm, params))
 

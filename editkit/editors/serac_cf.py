@@ -35,6 +35,7 @@ from torch import nn
 from ..config import Params
 from ..losses import target_nll
 from ..models import LoadedModel, load_model
+from ..tokens import same_encoding
 from ..training import Trainable
 from ..types import EditRequest
 from .gradients import TargetPass
@@ -55,8 +56,7 @@ def counterfactual_lm(lm: LoadedModel, params: Params) -> LoadedModel:
     """
     if params.cf_model is not None:
         small = load_model(params.cf_model, dtype=lm.dtype, device=lm.device)
-        probe = "The Colosseum is in Rome. Q: 2 + 2 ="
-        if small.tokenizer(probe)["input_ids"] != lm.tokenizer(probe)["input_ids"]:
+        if not same_encoding(small.tokenizer, lm.tokenizer):
             raise ValueError(f"SERAC's cf_model {params.cf_model!r} does not share {lm.name!r}'s tokenizer")
         model, adapter, name = small.model, small.adapter, params.cf_model
     else:
