@@ -41,8 +41,8 @@ from editkit.results import load_results
 
 log = logging.getLogger("finding_4_1")
 
-ORDER = ["kn", "ft", "rome", "r-rome", "memit", "pmet", "alphaedit", "mend", "serac", "grace",
-         "ike", "emmet", "encore", "ultraedit", "wise"]
+PAPER = ["kn", "ft", "rome", "r-rome", "memit", "pmet", "alphaedit", "mend", "serac", "grace"]  # Finding 4.1's
+ORDER = [*PAPER, "ike", "emmet", "encore", "ultraedit", "wise"]
 SLOW = ("rome", "r-rome", "memit", "pmet", "alphaedit")
 FRONTIER = ("ike", "emmet", "encore", "ultraedit", "wise")  # issue 18's editors, set against MEMIT and AlphaEdit
 
@@ -209,14 +209,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--root", default="results/finding_4_1")
     parser.add_argument("--out", default="results/findings/finding_4_1")
     parser.add_argument("--no-figure", action="store_true")
-    parser.add_argument("--methods", nargs="+", default=None, help="only these methods (default: all under --root)")
+    parser.add_argument("--methods", nargs="+", default=None,
+                        help="only these methods (default: the paper's ten; with --frontier, all under --root)")
     parser.add_argument("--frontier", type=int, default=None, metavar="N",
                         help="also write frontier.md: issue 18's editors against MEMIT and AlphaEdit at N edits")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     results = load_results(args.root)
-    if args.methods:
-        results = results.select(method=args.methods)
+    methods = args.methods or (None if args.frontier else PAPER)
+    if methods:
+        results = results.select(method=methods)
     if results.checkpoints.empty:
         log.error("no runs under %s", args.root)
         return 1
@@ -240,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
 
         chart = delta_curves(deltas, metric="loglik") & delta_curves(deltas, metric="acc") & health_curves(
             results.health, metrics=["heldout_ppl_ratio", "max_rel_norm_growth"])
-        save_chart(chart, out / "finding_4_1")
+        save_chart(chart, out / ("frontier_200" if args.frontier else "finding_4_1"))
     verdict = out / ("frontier.md" if args.frontier else "comparison.md")
     sys.stdout.write(_markdown(table) + "\n\n" + verdict.read_text())
     return 0
