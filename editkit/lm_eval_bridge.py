@@ -117,16 +117,15 @@ class EditkitLM(LM):
             ValueError: a context router rewrote a text into one that does not end with it.
         """
         texts = [request.args[0] for request in requests]
-        # Windows per engine: a text routed to another model (SERAC's counterfactual one) is scored by it.
-        groups: dict[int, tuple[Any, list[tuple[list[int], list[int]]], list[int]]] = {}
-        for index, (text, routed) in enumerate(zip(texts, self.engine.route(texts))):
-            engine = self.engine.for_text(routed)
-            _, windows, owners = groups.setdefault(id(engine), (engine, [], []))
-            for window in self.rolling_windows(text, routed):
-                windows.append(window)
-                owners.append(index)
+        routed = self.engine.route(texts)
         totals = [0.0] * len(texts)
-        for engine, windows, owners in groups.values():
+        # A text routed to another model (SERAC's counterfactual one) is scored by that model's engine.
+        for engine, positions in self.engine.by_engine(routed):
+            windows, owners = [], []
+            for index in positions:
+                for window in self.rolling_windows(texts[index], routed[index]):
+                    windows.append(window)
+                    owners.append(index)
             for owner, score in zip(owners, engine.score_tokens(windows)):
                 totals[owner] += score.logprob
         for text, total in zip(texts, totals):

@@ -81,3 +81,12 @@ def resume_against_straight(build, earlier, later):
     resumed.editor.load_state_dict(state)
     resumed.apply(later)
     return expected, resumed, saved
+
+
+def trained_editor(name: str, lm, **settings):
+    """Editor ``name`` on ``lm`` with ``settings``, its learned part (SERAC, MEND) trained first if missing."""
+    import editkit
+    from editkit.editors.trainer import train_editor
+
+    train_editor(name, lm, progress=False, **settings)
+    return editkit.get_editor(name, lm, **settings)

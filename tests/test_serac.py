@@ -11,9 +11,8 @@ from editkit.benchmarks import Engine
 from editkit.datasets import load_counterfact
 from editkit.editors import resolve_params
 from editkit.editors.serac import SERAC, ScopeTrainable
-from editkit.editors.trainer import train_editor
 from editkit.training import MissingArtifactError, fit
-from tests.helpers import target_logprob
+from tests.helpers import target_logprob, trained_editor
 
 # The conditioned variant (tests/test_serac_cf.py has the trained counterfactual model).
 FAST = {"encoder": "all-minilm-l6-v2", "counterfactual": "conditioned", "steps": 4, "batch_size": 4,
@@ -31,9 +30,7 @@ def requests():
 
 @pytest.fixture
 def editor(make_tiny):
-    lm = make_tiny("llama")
-    train_editor("serac", lm, progress=False, **FAST)
-    return editkit.get_editor("serac", lm, **FAST)
+    return trained_editor("serac", make_tiny("llama"), **FAST)
 
 
 def test_in_scope_contexts_go_to_the_counterfactual_model_and_others_do_not(editor, requests):

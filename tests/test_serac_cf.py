@@ -5,16 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-import editkit
 from editkit.benchmarks import Engine, GenerationRequest
 from editkit.datasets import load_counterfact
 from editkit.editors import resolve_params
 from editkit.editors.serac import SERAC, SERACParams
 from editkit.editors.serac_cf import CounterfactualTrainable, counterfactual_lm
-from editkit.editors.trainer import train_editor
 from editkit.routing import Delegated
 from editkit.training import fit
 from editkit.types import EditRequest
+from tests.helpers import trained_editor
 
 FAST = {"encoder": "all-minilm-l6-v2", "counterfactual": "trained", "steps": 4, "batch_size": 4,
         "train_records": 16, "val_records": 4, "checkpoint_every": 2, "cf_lr": 1e-3}
@@ -30,9 +29,7 @@ def request_() -> EditRequest:
 
 @pytest.fixture
 def editor(make_tiny):
-    lm = make_tiny("llama")
-    train_editor("serac", lm, progress=False, **FAST)
-    return editkit.get_editor("serac", lm, **FAST)
+    return trained_editor("serac", make_tiny("llama"), **FAST)
 
 
 def test_in_scope_inputs_are_answered_by_the_trained_model(editor, request_):

@@ -258,7 +258,7 @@ class Engine:
                                              memory_cap=self.memory_cap, max_batch_size=self.max_batch_size)
         return self._delegates[id(lm)]
 
-    def _by_engine(self, routed: Sequence[str]) -> list[tuple[Engine, list[int]]]:
+    def by_engine(self, routed: Sequence[str]) -> list[tuple[Engine, list[int]]]:
         """The positions of ``routed`` grouped by the engine that reads them (this one first)."""
         groups: dict[int, tuple[Engine, list[int]]] = {id(self): (self, [])}
         for i, text in enumerate(routed):
@@ -270,7 +270,7 @@ class Engine:
         """Score each ``(context, continuation)``; results in request order."""
         contexts = self.route([context for context, _ in requests])
         results: list[ContinuationScore | None] = [None] * len(requests)
-        for engine, positions in self._by_engine(contexts):
+        for engine, positions in self.by_engine(contexts):
             scored = engine._score_encoded([engine._encode_request(j, str(contexts[i]), requests[i][1])
                                             for j, i in enumerate(positions)])
             for i, score in zip(positions, scored):
@@ -406,7 +406,7 @@ class Engine:
         """
         routed = self.route([r.context for r in requests])
         outputs = [""] * len(requests)
-        for engine, positions in self._by_engine(routed):
+        for engine, positions in self.by_engine(routed):
             texts = engine._generate_routed([str(routed[i]) for i in positions], [requests[i] for i in positions])
             for i, text in zip(positions, texts):
                 outputs[i] = text
