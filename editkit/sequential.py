@@ -8,6 +8,14 @@ evaluated for the interrupted checkpoint are read back from its journal when the
 replayed model is bit-identical (a digest of the edited weights and editor state is
 part of the journal key; otherwise they are evaluated again).
 
+A checkpoint saved without its weights and editor state (a *weight-free* one: a results
+root as committed to git, or copied without them) is resumed from by replaying its edits
+from the last checkpoint that has its state (or from the unedited model), in the same
+batches as the run that saved it, without measuring. The replayed state is checked
+against the digest the checkpoint's meta.json records; the next checkpoint's meta
+records the replay (``replayed``: from, to, and whether the digest matched), and a
+mismatch or an unrecorded digest is also logged as a warning.
+
 NaN or Inf in edited weights or in the model's outputs (benchmark items or held-out
 text) is recorded as a collapse at that checkpoint (and every later one), not raised.
 
@@ -84,6 +92,7 @@ class SequentialRun:
         self.heldout = heldout_texts(study.heldout_source, study.heldout_chunks) if study.health else None
         self.alarm = study.alarm()
         self.baseline: PerplexityResult | None = None
+        self.replayed: dict[str, Any] | None = None  # how the state was last reached by replay (for the next meta)
 
     def _check_unedited(self, what: str) -> None:
         if self.position or self.session.touched:
@@ -153,6 +162,53 @@ class SequentialRun:
             self.editor.load_state_dict(editor_state)
         self.position = n
 
+    def resume_from(self, n: int, finished: Sequence[int], bar: tqdm) -> None:
+        """Put the model in checkpoint ``n``'s state: load it, or for a weight-free ``n`` replay its edits.
+
+        Args:
+            n: a verified checkpoint (0: the unedited model, which need not be saved).
+            finished: the verified checkpoints; the replay starts at the last one before ``n``
+                that holds its state.
+            bar: the edit progress bar, advanced by replayed edits.
+
+        Raises:
+            RuntimeError: an edit collapses while replaying, where the saved run went on.
+        """
+        if n == 0 or self.store.has_state(n):
+            if n in finished:
+                self.load(n)
+            else:  # the unedited model, not saved by this cell
+                self.session.restore()
+                self.position, self.collapse = 0, None
+            return
+        base = max((c for c in finished if 0 < c < n and self.store.has_state(c)), default=0)
+        self.resume_from(base, finished, bar)
+        stops = sorted(c for c in self.cell.checkpoints() if base < c <= n)
+        size = self.cell.edit_batch_size
+        log.info("run %s: checkpoint %d was saved without its weights; replaying edits %d-%d", self.run_id, n,
+                 base + 1, n)
+        for stop in stops:  # the batches the saved run applied: they never cross a checkpoint
+            while self.position < stop:
+                batch = self.requests[self.position:min(self.position + size, stop)]
+                try:
+                    self.session.apply(batch)
+                except EditCollapseError as error:
+                    raise RuntimeError(f"run {self.run_id}: replaying edit {self.position + 1} towards weight-free "
+                                       f"checkpoint {n} collapsed ({error}), but the saved run went on; remove "
+                                       f"checkpoints after {base} under {self.store.folder} to recompute them"
+                                       ) from error
+                self.position += len(batch)
+                bar.update(len(batch))
+        expected = self.store.load_checkpoint(n, self.lm.device)[0].get("state_digest")
+        actual = self.state_digest()
+        match = "unrecorded" if expected is None else ("match" if expected == actual else "mismatch")
+        self.replayed = {"from": base, "to": n, "state_digest": match}
+        if match != "match":
+            log.warning("run %s: the state replayed to checkpoint %d %s; later checkpoints continue from the "
+                        "replayed model (recorded in their meta.json as 'replayed')", self.run_id, n,
+                        "has no recorded digest to check" if expected is None
+                        else "differs from the saved run's (digest mismatch)")
+
     def advance(self, n: int, reference: list, bar: tqdm) -> pd.DataFrame:
         """Apply edits ``position+1 .. n`` in batches; returns their immediate-quality rows."""
         rows = []
@@ -186,6 +242,7 @@ class SequentialRun:
         latest = self.advance(n, reference, bar)
         edit_seconds = time.perf_counter() - edit_started
         eval_started = time.perf_counter()
+        digest = None
         frames: dict[str, pd.DataFrame] = {}
         health = None
         if self.collapse is None and self.heldout is not None:
@@ -201,7 +258,8 @@ class SequentialRun:
                 log.warning("run %s: %s", self.run_id, self.collapse)
         if self.collapse is None:
             # The key ties the item journal to this exact model state: a replay that differs starts over.
-            key = f"{self.lm.name} after {n} edits of {self.run_id}, state {self.state_digest()}"
+            digest = self.state_digest()
+            key = f"{self.lm.name} after {n} edits of {self.run_id}, state {digest}"
             frames = self.protocol.measure(self.engine, self.requests[:n], reference, latest,
                                            self.protocol.probe_prompts(self.requests), progress=self.progress,
                                            journal=self.store.partial_dir(n), journal_key=key)
@@ -221,6 +279,10 @@ class SequentialRun:
                 "reason": self.collapse or "", "edit_seconds": edit_seconds, "eval_seconds": eval_seconds,
                 "attempts": attempts, "run_id": self.run_id, **self.cell.axes()}
         keep_state = meta["status"] == "ok" and n > 0
+        if keep_state:  # what a replay of a weight-free copy of this checkpoint is checked against
+            meta["state_digest"] = digest
+        if self.replayed is not None:
+            meta["replayed"], self.replayed = self.replayed, None
         self.store.save_checkpoint(n, frames, meta,
                                    weights=self.session.edited_state() if keep_state and self.session.touched else None,
                                    editor_state=self.editor.state_dict() if keep_state else None)
@@ -331,7 +393,7 @@ def _run_checkpoints(run: SequentialRun, on_checkpoint: Callable[[int, str], Non
         for n in todo:
             start_from = max([c for c in finished if c <= n], default=0)
             if run.position > n or run.position < start_from:  # the live model is not usable for n
-                run.load(start_from)
+                run.resume_from(start_from, finished, bar)
             bar.n = run.position
             bar.refresh()
             run.checkpoint(n, reference, bar)

@@ -24,6 +24,13 @@ A results root holds one folder per cell, ``<root>/<method>-<digest>/``::
     checkpoints/<n:06d>.corrupt-<time>/  a checkpoint that failed verification, set aside
     lock, lock.guard                  while a process works on the cell (:mod:`editkit.locks`)
 
+A checkpoint's weights and editor state (``STATE_FILES``) may be absent while its checksums
+name them: that is a *weight-free* checkpoint, the form a results root is committed in
+(``.gitignore`` keeps the weights out). Its frames verify and are read as usual; a resume
+from it replays the edits up to it (:mod:`editkit.sequential`) and checks the replayed
+state against the digest its meta.json records. A weights file that is there but does not
+match its checksum is still a problem.
+
 A checkpoint folder appears only complete: it is written under a name unique to the
 writing process and renamed. A checkpoint is *verified* when its meta.json is there and
 every file matches ``files.sha256.json``; resume and :func:`editkit.results.load_results`
@@ -60,11 +67,13 @@ from safetensors.torch import load_file, save_file
 from .resources import atomic_write_text, sha256_file
 
 __all__ = ["RunStore", "ResultsFileError", "write_items", "write_json", "read_json", "digest_into", "state_digest",
-           "FRAMES", "AXES", "EMPTY_COLUMNS", "CHECKSUMS"]
+           "FRAMES", "AXES", "EMPTY_COLUMNS", "CHECKSUMS", "STATE_FILES"]
 
 log = logging.getLogger(__name__)
 
 CHECKSUMS = "files.sha256.json"
+# What a checkpoint holds beyond its frames: the model's changed weights and the editor's state.
+STATE_FILES = ("state.safetensors", "editor_state.pt")
 
 # The tidy frames every store yields, and the grid axes each frame carries.
 FRAMES = ("scores", "items", "edit_quality", "generations", "health", "checkpoints")
@@ -194,6 +203,8 @@ class RunStore:
             if files is not None and name not in files and name != "meta.json":
                 continue
             path = folder / name
+            if not path.is_file() and name in STATE_FILES:
+                continue  # weight-free: resumed by replaying the edits (see has_state)
             if not path.is_file():
                 found.append(f"{path} is missing")
             elif sha256_file(path) != digest:
@@ -218,6 +229,15 @@ class RunStore:
             except (OSError, ValueError) as error:
                 found.append(f"{path} is unreadable ({error})")
         return found
+
+    def has_state(self, n: int) -> bool:
+        """Whether checkpoint ``n`` holds every state file its checksums name (False: weight-free, replay)."""
+        folder = self.checkpoint_dir(n)
+        try:
+            expected = read_json(folder / CHECKSUMS, "")
+        except (ResultsFileError, FileNotFoundError):
+            return True  # a legacy checkpoint: its files are whatever it has
+        return all((folder / name).is_file() for name in expected if name in STATE_FILES)
 
     def verified(self) -> list[int]:
         """Checkpoints whose files all pass :meth:`problems`."""
