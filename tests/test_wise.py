@@ -197,3 +197,36 @@ def test_smollm2_target_rises_and_unrelated_prompt_uses_main_memory(smollm2):
     handle.restore()
     assert_same_state(lm, original)
     assert torch.equal(logits(lm, unrelated), far)
+
+
+def test_blocks_below_the_side_memory_run_once_with_the_same_result(make_tiny, monkeypatch):
+    """Training runs the blocks below the edited one once, not at each of the n_iter steps, bit for bit."""
+    import editkit.editors.wise as wise
+    from editkit.prefix_cache import SplitUnsupported
+
+    lm = make_tiny("llama")
+    options = {**FAST, "template_lengths": [3]}  # rows of different lengths: padding is exercised
+
+    def train() -> tuple[torch.Tensor, tuple, int]:
+        calls = []
+        editor = editkit.get_editor("wise", lm, **options)
+        editor.context_templates()  # generated first: only the training's calls are counted
+        # a module inside block 0 (the block's own hooks still fire when its recorded output is returned)
+        hook = get_module(lm.model, lm.adapter.path("mlp_out", 0)).register_forward_hook(lambda *a: calls.append(1))
+        try:
+            info = editor.edit(REQUEST).info[0]
+        finally:
+            hook.remove()
+        shard = editor.memory.shard.clone()
+        editor.reset()
+        return shard, info["losses"], len(calls)
+
+    skipped = train()
+
+    def unsupported(*args, **kwargs):
+        raise SplitUnsupported("the full batch, for comparison")
+
+    monkeypatch.setattr(wise, "PrefixCachedBatch", unsupported)
+    full = train()
+    assert torch.equal(skipped[0], full[0]) and skipped[1] == full[1]
+    assert full[2] == FAST["n_iter"] and skipped[2] == 1

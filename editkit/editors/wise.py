@@ -83,6 +83,7 @@ from ..config import Params
 from ..editing import EditCollapseError, EditHandle, Editor
 from ..hooks import attach_forward_hook, attach_forward_pre_hook, get_module
 from ..losses import target_nll
+from ..prefix_cache import PrefixCachedBatch, SplitUnsupported
 from ..tokens import encode, encode_pair, pad_batch, target_text
 from ..types import EditRequest
 from .wise_merge import SideMemory, row_distance, ties_merge
@@ -312,8 +313,14 @@ class WISE(Editor):
             handle.add_undo(lambda live=live, before=live.snapshot(): self._undo(live, before))
             handle.info.append(self._apply_one(request))
 
-    def _batch(self, request: EditRequest) -> tuple[torch.Tensor, ...]:
-        """Ids, real positions, target rows/queries/ids of the edit rows, and the edit-row count."""
+    def _batch(self, request: EditRequest) -> tuple[Any, ...]:
+        """The batch's logits as a callable, its real positions, and the target queries, ids and rows.
+
+        The side memory changes only the edited block and those above it, so the blocks
+        below run once and return their recorded output from the second step on
+        (:class:`~editkit.prefix_cache.PrefixCachedBatch` with no cached prefix: the same
+        logits, bit for bit); a model that cannot be run that way runs the full batch.
+        """
         tok, rows, queries, targets, groups = self.lm.tokenizer, [], [], [], []
         for r, template in enumerate(self.context_templates()):
             context, target = encode_pair(tok, template.format(request.prompt), target_text(request.target_new))
@@ -327,15 +334,24 @@ class WISE(Editor):
         device = self.lm.device
         ids, mask = torch.tensor(ids, device=device), torch.tensor(mask, device=device, dtype=torch.bool)
         flat = torch.tensor([r * ids.shape[1] + p for r, p in queries], device=device)
-        return ids, mask, flat, torch.tensor(targets, device=device), torch.tensor(groups, device=device)
+        try:
+            forward = PrefixCachedBatch(self.lm.model, rows, [0] * len(rows), pad, blocks=self.lm.adapter.blocks,
+                                        first_block=self.layer)
+        except SplitUnsupported as why:
+            log.debug("wise: every block runs at every step: %s", why)
 
-    def _losses(self, ids: torch.Tensor, real: torch.Tensor, queries: torch.Tensor, targets: torch.Tensor,
+            def forward() -> torch.Tensor:
+                return self.lm.model(input_ids=ids, attention_mask=mask.long(), use_cache=False).logits
+
+        return forward, mask, flat, torch.tensor(targets, device=device), torch.tensor(groups, device=device)
+
+    def _losses(self, forward: Any, real: torch.Tensor, queries: torch.Tensor, targets: torch.Tensor,
                 groups: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
         """(target NLL, activation loss, mean edit-row distance) with the live shard."""
-        p, n = self.params, ids.shape[0] - 1
-        logits = self.lm.model(input_ids=ids, attention_mask=real.long(), use_cache=False).logits
+        p, n = self.params, real.shape[0] - 1
+        logits = forward()
         nll = target_nll(logits.reshape(-1, logits.shape[-1])[queries], targets,
-                         torch.arange(len(targets), device=ids.device), groups, n).mean()
+                         torch.arange(len(targets), device=real.device), groups, n).mean()
         main, side = self._seen
         dist = row_distance(main, side, self._act, real)
         inside, outside = dist[:n], dist[n:]
