@@ -14,7 +14,10 @@ Reads the sequential runs of ``parameters/01_number_of_edits/finding_4_1_{fast,s
 * ``finding_4_1.{png,html}``: paired log-likelihood change and health against the
   number of edits.
 
-Everything is computed from the saved runs; rerun after the runs advance.
+Everything is computed from the saved runs; rerun after the runs advance. The root is committed
+weight-free (``.gitignore``), so a fresh clone resumes the runs by replaying their edits. A method
+that an earlier export under ``--out`` holds but ``--root`` does not (runs made before the root
+was committed) is carried over from that export's parquet files, and ``table.md`` names it.
 
     python scripts/finding_4_1.py --root results/finding_4_1 --out results/findings/finding_4_1
 
@@ -31,6 +34,7 @@ import argparse
 import logging
 import math
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +49,46 @@ PAPER = ["kn", "ft", "rome", "r-rome", "memit", "pmet", "alphaedit", "mend", "se
 ORDER = [*PAPER, "ike", "emmet", "encore", "ultraedit", "wise"]
 SLOW = ("rome", "r-rome", "memit", "pmet", "alphaedit")
 FRONTIER = ("ike", "emmet", "encore", "ultraedit", "wise")  # issue 18's editors, set against MEMIT and AlphaEdit
+
+
+@dataclass(frozen=True)
+class Frames:
+    """The compact frames an export is made of (``health`` with its ``parameter`` column: NaN on summary rows)."""
+
+    scores: pd.DataFrame
+    deltas: pd.DataFrame
+    health: pd.DataFrame
+    edit_quality: pd.DataFrame
+    checkpoints: pd.DataFrame
+
+    NAMES = ("scores", "deltas", "health", "edit_quality", "checkpoints")
+
+    @classmethod
+    def of(cls, results) -> Frames:
+        health = results.health[results.health["parameter"].isna()] if len(results.health) else results.health
+        return cls(results.scores, results.deltas, health, results.edit_quality, results.checkpoints)
+
+    @classmethod
+    def read(cls, folder: Path) -> Frames | None:
+        """An earlier export under ``folder``; None when it has none."""
+        if not all((folder / f"{name}.parquet").is_file() for name in cls.NAMES):
+            return None
+        frames = {name: pd.read_parquet(folder / f"{name}.parquet") for name in cls.NAMES}
+        frames["health"] = frames["health"].assign(parameter=np.nan)  # exported without it: summary rows only
+        return cls(**frames)
+
+    def methods(self) -> set[str]:
+        return set(self.checkpoints["method"])
+
+    def plus(self, other: Frames, methods: set[str]) -> Frames:
+        """These frames with ``other``'s rows of ``methods``."""
+        return Frames(*(pd.concat([getattr(self, n), getattr(other, n)[getattr(other, n)["method"].isin(methods)]],
+                                  ignore_index=True) for n in self.NAMES))
+
+    def write(self, folder: Path) -> None:
+        for name in self.NAMES:
+            frame = self.health.drop(columns=["parameter"]) if name == "health" else getattr(self, name)
+            frame.to_parquet(folder / f"{name}.parquet", index=False)
 
 
 def _fmt(value: float, digits: int = 3) -> str:
@@ -219,19 +263,25 @@ def main(argv: list[str] | None = None) -> int:
     methods = args.methods or (None if args.frontier else PAPER)
     if methods:
         results = results.select(method=methods)
+    out = Path(args.out)
+    results = Frames.of(results)
+    earlier = Frames.read(out)
+    carried = set() if earlier is None else {m for m in earlier.methods() - results.methods()
+                                             if methods is None or m in methods}
+    if carried:
+        log.info("not under %s, carried over from the export in %s: %s", args.root, out, ", ".join(sorted(carried)))
+        results = results.plus(earlier, carried)
     if results.checkpoints.empty:
         log.error("no runs under %s", args.root)
         return 1
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    deltas = results.deltas
-    health = results.health[results.health["parameter"].isna()].drop(columns=["parameter"])
-    for name, frame in (("scores", results.scores), ("deltas", deltas), ("health", health),
-                        ("edit_quality", results.edit_quality), ("checkpoints", results.checkpoints)):
-        frame.to_parquet(out / f"{name}.parquet", index=False)
+    results.write(out)
+    deltas, health = results.deltas, results.health
     drops = _first_drops(deltas)
     table = method_table(results, drops, health)
-    (out / "table.md").write_text(_markdown(table) + "\n", encoding="utf-8")
+    note = (f"\n\nCarried over from the earlier export (runs made before `{args.root}` was committed): "
+            f"{', '.join(m for m in ORDER if m in carried)}.") if carried else ""
+    (out / "table.md").write_text(_markdown(table) + note + "\n", encoding="utf-8")
     if args.frontier:  # issue 18's comparison instead of the paper's ordering
         (out / "frontier.md").write_text("\n".join(frontier(results, args.frontier)) + "\n", encoding="utf-8")
     else:

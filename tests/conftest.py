@@ -99,3 +99,13 @@ def tiny_llama_folder(make_tiny, tmp_path_factory) -> str:
     lm.model.save_pretrained(folder)
     lm.tokenizer.save_pretrained(folder)
     return str(folder)
+
+
+@pytest.fixture(scope="session")
+def saved_root(make_tiny, tmp_path_factory):
+    """A finished study on the tiny Llama (ROME, checkpoints 0-3): its results root and its results."""
+    from editkit.runs import run_study
+    from tests.test_integrity import tiny_config
+
+    root = tmp_path_factory.mktemp("saved")
+    return root, run_study(tiny_config(root), progress=False, lm=make_tiny("llama"))

@@ -41,11 +41,9 @@ def meta(root: Path, n: int) -> dict:
     return json.loads(path.read_text())
 
 
-@pytest.fixture(scope="module")
-def saved(make_tiny, tmp_path_factory):
-    """A finished run (ROME, checkpoints 0-3) and its scores."""
-    root = tmp_path_factory.mktemp("saved")
-    return root, run_study(tiny_config(root), progress=False, lm=make_tiny("llama"))
+@pytest.fixture
+def saved(saved_root):
+    return saved_root
 
 
 @pytest.mark.parametrize("keep_state, replay_from", [((), 0), ((1,), 1)])
