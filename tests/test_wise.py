@@ -201,7 +201,7 @@ def test_smollm2_target_rises_and_unrelated_prompt_uses_main_memory(smollm2):
 
 def test_blocks_below_the_side_memory_run_once_with_the_same_result(make_tiny, monkeypatch):
     """Training runs the blocks below the edited one once, not at each of the n_iter steps, bit for bit."""
-    import editkit.editors.wise as wise
+    import editkit.editors.wise_batch as wise_batch
     from editkit.prefix_cache import SplitUnsupported
 
     lm = make_tiny("llama")
@@ -226,7 +226,29 @@ def test_blocks_below_the_side_memory_run_once_with_the_same_result(make_tiny, m
     def unsupported(*args, **kwargs):
         raise SplitUnsupported("the full batch, for comparison")
 
-    monkeypatch.setattr(wise, "PrefixCachedBatch", unsupported)
+    monkeypatch.setattr(wise_batch, "PrefixCachedBatch", unsupported)
     full = train()
     assert torch.equal(skipped[0], full[0]) and skipped[1] == full[1]
-    assert full[2] == FAST["n_iter"] and skipped[2] == 1
+    # the full batch: every step, plus the two passes of the first edit's gathered-logits check
+    assert full[2] == FAST["n_iter"] + 2 and skipped[2] == 1
+
+
+@pytest.mark.parametrize("model_type, gathered", [("llama", True), ("gpt2", True), ("gemma3_text", True),
+                                                ("gemma2", False)])
+def test_only_the_target_positions_are_unembedded_where_that_gives_the_same_logits(make_tiny, model_type, gathered):
+    """The loss's logits from the target hidden states alone equal the model's own; where they cannot
+    (Gemma 2 soft-caps its logits after the output embedding) the full logits are used."""
+    from editkit.editors.wise_batch import gathered_logits_match, target_logits
+
+    lm = make_tiny(model_type)
+    if model_type == "gemma2":  # a cap small enough to bend a tiny random model's logits
+        lm.model.config.final_logit_softcapping = 0.05
+    editor = editkit.get_editor("wise", lm, **FAST)
+    batch = editor._batch(REQUEST)
+    assert gathered_logits_match(lm, batch) is gathered
+    full = target_logits(lm, batch, gathered=False)
+    assert full.shape == (len(batch.targets), lm.model.config.vocab_size)
+    if gathered:
+        assert torch.allclose(target_logits(lm, batch, gathered=True), full, atol=1e-5)
+    else:
+        assert not torch.allclose(target_logits(lm, batch, gathered=True), full, atol=1e-3)
