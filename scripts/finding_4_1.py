@@ -235,10 +235,14 @@ def frontier(results, n_edits: int = 200) -> list[str]:
         lines.append(f"Not yet at {n_edits} edits: {', '.join(missing)}.")
     if new:
         ability = max(new, key=lambda r: (r["loglik"], -r["ppl"]))
+        fluent = min(new, key=lambda r: (r["ppl"], -r["loglik"]))
         retention = max(new, key=lambda r: (r["prob"], r["gen"]))
         lines.append(f"Among the new editors at {n_edits} edits, {ability['method']} holds general ability best "
                      f"(Δ log-lik {_fmt(ability['loglik'])}, perplexity ×{_fmt(ability['ppl'])}) and "
                      f"{retention['method']} retention (prob {_fmt(retention['prob'])}, gen {_fmt(retention['gen'])}).")
+        if fluent is not ability:
+            lines.append(f"By held-out perplexity alone {fluent['method']} holds best (×{_fmt(fluent['ppl'])}, "
+                         f"Δ log-lik {_fmt(fluent['loglik'])}): the two measures disagree.")
         for r in base:
             lines.append(f"Against {r['method']} (Δ log-lik {_fmt(r['loglik'])}, retention {_fmt(r['prob'])} / "
                          f"{_fmt(r['gen'])}): {ability['method']} "
