@@ -195,8 +195,10 @@ def comparison(table: pd.DataFrame, drops: pd.DataFrame, results) -> list[str]:
             claim(f"ROME degrades before {other}", f"{when('rome')}; {when(other)}", None)
     for lasting in ("mend", "pmet"):  # the paper: PMET and MEND scale to thousands of edits
         top = 1000 if lasting == "mend" else 200  # what finding_4_1_{fast,slow}.yaml ask for
-        claim(f"{lasting.upper()} keeps working through {top} edits", when(lasting),
-              None if lasting not in first else lasting not in collapsed and reached.get(lasting, 0) >= top)
+        # a collapse answers no at once; a run still short of ``top`` has not answered yet
+        verdict = None if lasting not in first else (
+            False if lasting in collapsed else (True if reached.get(lasting, 0) >= top else None))
+        claim(f"{lasting.upper()} keeps working through {top} edits", when(lasting), verdict)
     for flat in ("grace", "serac"):
         claim(f"{flat.upper()} stays flat", when(flat), None if flat not in first else first[flat] == math.inf)
     return lines
