@@ -235,7 +235,7 @@ class RunStore:
         folder = self.checkpoint_dir(n)
         try:
             expected = read_json(folder / CHECKSUMS, "")
-        except (ResultsFileError, FileNotFoundError):
+        except ResultsFileError:
             return True  # a legacy checkpoint: its files are whatever it has
         return all((folder / name).is_file() for name in expected if name in STATE_FILES)
 

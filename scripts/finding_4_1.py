@@ -298,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
 
         chart = delta_curves(deltas, metric="loglik") & delta_curves(deltas, metric="acc") & health_curves(
             results.health, metrics=["heldout_ppl_ratio", "max_rel_norm_growth"])
-        save_chart(chart, out / ("frontier_200" if args.frontier else "finding_4_1"))
+        save_chart(chart, out / (f"frontier_{args.frontier}" if args.frontier else "finding_4_1"))
     verdict = out / ("frontier.md" if args.frontier else "comparison.md")
     sys.stdout.write(_markdown(table) + "\n\n" + verdict.read_text())
     return 0
