@@ -105,6 +105,31 @@ def test_same_seed_same_codebook_and_seed_matters(make_tiny):
     assert not torch.equal(books[0]["values"], books[2]["values"]), "cold init must follow the seed"
 
 
+@pytest.mark.parametrize("model_type", ["llama", "gpt2", "opt"])
+def test_blocks_below_the_adaptor_run_once_per_edit_with_the_same_codebook(make_tiny, model_type):
+    """Training reuses the output of the blocks below the adapted one: the same codebook, bit for bit."""
+    lm = make_tiny(model_type)
+    inside = next(m for m in get_module(lm.model, lm.adapter.blocks)[0].modules()
+                  if not list(m.children()) and hasattr(m, "weight"))  # a layer inside block 0
+    books, calls = [], []
+    for skip in (True, False):
+        editor = editor_for(lm, model_type)
+        editor.skip_below = skip
+        seen = []
+        hook = inside.register_forward_hook(lambda *_: seen.append(1))  # block 0's own hooks fire when skipped
+        try:
+            handle = editor.edit([REQUEST, OTHER])
+        finally:
+            hook.remove()
+        books.append(editor.codebook.state_dict())
+        calls.append(len(seen))
+        handle.restore()
+    for key in ("keys", "values", "radii"):
+        assert torch.equal(books[0][key], books[1][key]), key
+    # Without the skip block 0 runs at every one of the 2 x 25 steps; with it, a few times per edit.
+    assert calls[1] >= 2 * FAST["n_iter"] and calls[0] <= 2 * 4
+
+
 def test_state_dict_reproduces_edits_on_a_fresh_editor(make_tiny):
     lm = make_tiny("gpt2")
     before = logits(lm, REQUEST.prompt)

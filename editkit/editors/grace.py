@@ -76,8 +76,8 @@ import torch
 from ..config import Params
 from ..editing import EditCollapseError, EditHandle, Editor
 from ..hooks import attach_forward_hook, capture, get_module
-from ..kv_cache import select_rows
 from ..losses import target_nll
+from ..prefix_cache import PrefixCachedBatch, SplitUnsupported
 from ..tokens import encode_pair, target_text
 from ..types import EditRequest
 
@@ -221,6 +221,7 @@ class GRACE(Editor):
         self._hook_handle: Any = None
         self._live: tuple[int, torch.Tensor] | None = None  # (row, value being trained)
         self._last_hits: torch.Tensor | None = None  # (hit, index) of the latest call while training
+        self.skip_below = True  # reuse the output of the blocks below the adaptor while training (_train)
 
     # -- the adaptor ------------------------------------------------------------
     def _sync_hook(self) -> None:
@@ -375,35 +376,36 @@ class GRACE(Editor):
     def _train(self, entry: int, ids: torch.Tensor, key_position: int, target: list[int]) -> tuple[float, ...]:
         """Adam on the entry's value: mean NLL of ``target`` after the prompt, adaptor active.
 
-        With ``replace_last`` the tokens before the key token do not depend on the
-        value (causal attention), so they run once and every step runs only the key
-        token and the target on top of a copy of their key/value cache.
+        Each step runs a :class:`~editkit.prefix_cache.PrefixCachedBatch`. With
+        ``replace_last`` the tokens before the key token do not depend on the value (causal
+        attention), so they run once into a key/value cache and every step runs only the key
+        token and the target. The blocks below the adapted one do not depend on the value
+        either: they run at the first step and their output is reused (the same logits, bit
+        for bit; ``skip_below=False`` runs them at every step, for comparison).
         """
         p, book, model = self.params, self.codebook, self.lm.model
         row = book.position(entry)
         value = torch.nn.Parameter(book.values[row].clone())
         optimizer = torch.optim.Adam([value], lr=p.edit_lr)
         start = key_position if p.replacement == "replace_last" else 0
-        prefix_cache = None
-        if start > 0:
-            with torch.no_grad():
-                prefix_cache = model(input_ids=ids[:, :start], use_cache=True).past_key_values
+        tok = self.lm.tokenizer
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        try:  # (its prefix uses the trained entry's initial value, if it matched)
+            batch = PrefixCachedBatch(model, [ids[0].tolist()], [start], pad, blocks=self.lm.adapter.blocks,
+                                      first_block=self.layer if self.skip_below else 0)
+        except SplitUnsupported as why:
+            log.debug("grace: every token and block runs at every step: %s", why)
+            batch, start = None, 0
         positions = torch.arange(len(target), device=ids.device) + key_position - start
         target_ids = torch.tensor(target, device=ids.device)
-        run = dict(input_ids=ids[:, start:], use_cache=prefix_cache is not None)
-        if prefix_cache is not None:  # (its prefix used the trained entry's initial value, if it matched)
-            run.update(attention_mask=torch.ones_like(ids),
-                       position_ids=torch.arange(start, ids.shape[1], device=ids.device)[None])
         losses: list[float] = []
         self._live = (row, value)
         try:
             with torch.enable_grad():
                 for step in range(p.n_iter):
                     optimizer.zero_grad()
-                    if prefix_cache is not None:
-                        run["past_key_values"] = select_rows(prefix_cache, torch.zeros(1, dtype=torch.long,
-                                                                                      device=ids.device))
-                    loss = target_nll(model(**run).logits[0, positions], target_ids)[0]
+                    logits = batch() if batch is not None else model(input_ids=ids, use_cache=False).logits
+                    loss = target_nll(logits[0, positions], target_ids)[0]
                     losses.append(loss.item())
                     if step == 0:
                         self._check_hit(row, key_position - start)
