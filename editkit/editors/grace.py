@@ -388,11 +388,9 @@ class GRACE(Editor):
         value = torch.nn.Parameter(book.values[row].clone())
         optimizer = torch.optim.Adam([value], lr=p.edit_lr)
         start = key_position if p.replacement == "replace_last" else 0
-        tok = self.lm.tokenizer
-        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        try:  # (its prefix uses the trained entry's initial value, if it matched)
-            batch = PrefixCachedBatch(model, [ids[0].tolist()], [start], pad, blocks=self.lm.adapter.blocks,
-                                      first_block=self.layer if self.skip_below else 0)
+        try:  # one row, never padded; (its prefix uses the trained entry's initial value, if it matched)
+            batch = PrefixCachedBatch(model, [ids[0].tolist()], [start], self.lm.tokenizer.pad_token_id,
+                                      blocks=self.lm.adapter.blocks, first_block=self.layer if self.skip_below else 0)
         except SplitUnsupported as why:
             log.debug("grace: every token and block runs at every step: %s", why)
             batch, start = None, 0
